@@ -1,0 +1,85 @@
+"""Relative paths inside a transfer: validation and safe display.
+
+A received name is never used as a filesystem path as it stands: it must
+pass `validate_path`, and the whole list must pass `check_collisions`,
+before the receiver creates anything. Names otherwise keep every character
+the evidence had (newlines, escapes, `;`, non-ASCII), and `escape` is how
+they are shown to people, so that no name can drive a terminal.
+"""
+
+import unicodedata
+
+from .errors import RemoteProtocolError
+
+# Linux limits: PATH_MAX counts bytes of the whole path, NAME_MAX those of a
+# component.
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+
+
+class PathError(RemoteProtocolError):
+    code = "bad_path"
+
+
+def escape(text: str) -> str:
+    """Printable ASCII stays; everything else (controls, escapes, non-ASCII,
+    backslash itself) becomes a Python-style escape, so output is one line
+    of plain characters that still names the file unambiguously."""
+    return text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+
+
+def quoted(text: str) -> str:
+    return f"'{escape(text)}'"
+
+
+def validate_path(path: object) -> str:
+    if type(path) is not str:
+        raise PathError("a path in the manifest is not a string")
+    shown = quoted(path)
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathError(f"path {shown} is not valid UTF-8") from None
+    if not path:
+        raise PathError("empty path")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise PathError(f"path {shown} is longer than {MAX_PATH_BYTES} bytes")
+    if "\x00" in path:
+        raise PathError(f"path {shown} contains NUL")
+    if path.startswith("/"):
+        raise PathError(f"path {shown} is absolute")
+    for component in path.split("/"):
+        if component == "":
+            raise PathError(f"path {shown} has an empty component")
+        if component in (".", ".."):
+            raise PathError(f"path {shown} has a {component!r} component")
+        if len(component.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise PathError(f"path {shown} has a component longer than {MAX_COMPONENT_BYTES} bytes")
+    return path
+
+
+def _fold(path: str) -> str:
+    # Case-insensitive and normalising filesystems (NTFS, APFS, exFAT) treat
+    # these as one name; evidence copied onwards must not silently merge.
+    return unicodedata.normalize("NFC", path).casefold()
+
+
+def check_collisions(paths: list[str]) -> None:
+    """Refuse duplicates, case/normalisation collisions, and a name used both
+    as a file and as a directory."""
+    files: dict[str, str] = {}
+    directories: dict[str, str] = {}
+    for path in paths:
+        folded = _fold(path)
+        other = files.get(folded) or directories.get(folded)
+        if other is not None:
+            kind = "duplicate path" if other == path else f"path collides with {quoted(other)} on case-insensitive filesystems:"
+            raise PathError(f"{kind} {quoted(path)}")
+        parts = folded.split("/")
+        original_parts = path.split("/")
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            if prefix in files:
+                raise PathError(f"path {quoted(path)} needs {quoted(files[prefix])} to be a directory, but it is a file")
+            directories.setdefault(prefix, "/".join(original_parts[:depth]))
+        files[folded] = path
