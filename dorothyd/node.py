@@ -1,0 +1,96 @@
+"""The node's shared context: identity, configuration, trust store, durable
+state and ledger, and the registry of transfers running right now.
+
+The services (listener, control server, outbox) each get this object; none
+reaches into another's internals.
+"""
+
+import datetime
+from dataclasses import dataclass, field
+
+import trio
+
+from ..keys.identity import NodeIdentity
+from ..keys.nodekey import NodeKey
+from ..keys.truststore import Peer, TrustStore
+from .config import Config
+from .home import Home
+from .ledger import Ledger
+from .logs import log
+from .note import NoteError, verify_checkpoint
+from .store import Store
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def iso_now() -> str:
+    return utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def node_key_bytes(node_key: NodeKey) -> bytes:
+    """The 64-byte form used inside manifests and receipts."""
+    return node_key.sign_public + node_key.dh_public
+
+
+@dataclass
+class Running:
+    """A transfer with a task working on it right now."""
+
+    cancel_scope: trio.CancelScope
+    bytes_done: int = 0
+    cancelled_by_operator: bool = False
+
+
+@dataclass
+class Node:
+    home: Home
+    config: Config
+    identity: NodeIdentity
+    trust: TrustStore
+    store: Store
+    ledger: Ledger
+    running: dict[str, Running] = field(default_factory=dict)
+    # Outbox retry schedule (trio clock) and the senders' SHA-256 state kept
+    # across dropped connections; both are rebuilt after a restart.
+    retry_at: dict[str, float] = field(default_factory=dict)
+    sender_hashers: dict[str, dict] = field(default_factory=dict)
+    _ledger_lock: trio.Lock = field(default_factory=trio.Lock)
+    _outbox_wakeup: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def node_key(self) -> NodeKey:
+        return self.identity.node_key
+
+    async def record(self, event: str, fields: dict) -> None:
+        """Append a ledger record; returns once it is fsync'd."""
+        async with self._ledger_lock:
+            await trio.to_thread.run_sync(self.ledger.append, event, fields)
+
+    async def checkpoint(self) -> str:
+        async with self._ledger_lock:
+            return await trio.to_thread.run_sync(self.ledger.checkpoint)
+
+    async def keep_peer_checkpoint(self, peer: Peer, note: str) -> None:
+        """Keep a peer's signed checkpoint, so that a peer that later rewrites
+        its history contradicts what we hold. A bad note is logged, not fatal:
+        the receipt itself was already verified."""
+        try:
+            verify_checkpoint(note, peer.node_key.sign_public)
+        except NoteError as exc:
+            log.warning("peer %s sent a checkpoint that does not verify: %s", peer.name, exc)
+            return
+        async with self._ledger_lock:
+            await trio.to_thread.run_sync(self.ledger.store_peer_checkpoint, peer.name, note)
+
+    def peer_for_static(self, dh_public: bytes) -> Peer | None:
+        return self.trust.find_by_dh_key(dh_public)
+
+    def wake_outbox(self) -> None:
+        self._outbox_wakeup.set()
+
+    async def outbox_wakeup(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._outbox_wakeup.wait()
+        self._outbox_wakeup = trio.Event()

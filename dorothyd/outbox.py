@@ -1,0 +1,188 @@
+"""The outbox: runs queued outgoing transfers until each is delivered,
+failed or cancelled.
+
+Connection problems are retried with exponential backoff and full jitter;
+each transfer waits on its own schedule, so a peer that is down holds up
+nobody else. Concurrency is capped in total and per peer.
+"""
+
+import random
+
+import trio
+
+from ..keys.errors import KeysError
+from ..protocol.errors import ProtocolError
+from ..protocol.messages import Abort
+from ..protocol.paths import quoted
+from .channel import ChannelClosed, connect
+from .logs import log
+from .node import Node, Running, iso_now
+from .sending import Outgoing, TransferAborted
+from .sources import SourceChanged
+
+IDLE_POLL_SECONDS = 30.0
+
+
+class PermanentFailure(Exception):
+    pass
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """Nurseries wrap errors in exception groups; classification wants the cause."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> float:
+    return random.uniform(0, min(maximum, initial * 2 ** min(attempts, 30)))
+
+
+async def run_outbox(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            next_due = now + IDLE_POLL_SECONDS
+            per_peer: dict[str, int] = {}
+            for tid in node.running:
+                row = node.store.get(tid)
+                if row is not None and row["direction"] == "out":
+                    per_peer[row["peer"]] = per_peer.get(row["peer"], 0) + 1
+            active = sum(per_peer.values())
+            for row in node.store.pending_outgoing():
+                if row["id"] in node.running:
+                    continue
+                due = node.retry_at.get(row["id"], 0.0)
+                if due > now:
+                    next_due = min(next_due, due)
+                    continue
+                if active >= node.config.max_active_total:
+                    break
+                if per_peer.get(row["peer"], 0) >= node.config.max_active_per_peer:
+                    continue
+                per_peer[row["peer"]] = per_peer.get(row["peer"], 0) + 1
+                active += 1
+                scope = trio.CancelScope()
+                node.running[row["id"]] = Running(scope)
+                nursery.start_soon(_attempt, node, row["id"], scope)
+            await node.outbox_wakeup(max(0.0, next_due - trio.current_time()))
+
+
+async def _attempt(node: Node, transfer_id: str, scope: trio.CancelScope) -> None:
+    store = node.store
+    running = node.running[transfer_id]
+    try:
+        with scope:
+            row = store.get(transfer_id)
+            store.update(transfer_id, iso_now(), state="active", attempts=row["attempts"] + 1)
+            try:
+                await _deliver(node, row, running)
+            except BaseException as exc:
+                await _classify(node, row, first_leaf(exc), exc)
+    finally:
+        del node.running[transfer_id]
+        node.wake_outbox()
+
+
+async def _deliver(node: Node, row, running: Running) -> None:
+    try:
+        peer = node.trust.get(row["peer"])
+    except KeysError:
+        raise PermanentFailure(f"peer {quoted(row['peer'])} was removed from the trust store") from None
+    if str(peer.node_key) != row["peer_node_key"]:
+        raise PermanentFailure(f"the key of peer {quoted(peer.name)} changed after this transfer was queued")
+    channel = await connect(
+        peer.host,
+        peer.port,
+        node.identity,
+        peer.node_key.dh_public,
+        connect_timeout=node.config.connect_timeout_seconds,
+        idle_timeout=node.config.idle_timeout_seconds,
+    )
+    try:
+        outgoing = Outgoing(node, channel, peer, row, running)
+        try:
+            delivered = await outgoing.run()
+        finally:
+            if running.cancelled_by_operator:
+                with trio.CancelScope(shield=True):
+                    await _notify_cancel(channel)
+        await _record_delivery(node, row, peer, delivered)
+    finally:
+        with trio.CancelScope(shield=True):
+            await channel.close()
+
+
+async def _notify_cancel(channel) -> None:
+    with trio.move_on_after(5):
+        try:
+            await channel.send(Abort(code="cancelled", reason="cancelled by the sending operator", final=True))
+        except Exception:
+            pass
+
+
+async def _record_delivery(node: Node, row, peer, delivered) -> None:
+    files = node.store.files(row["id"])
+    for index, (entry, digest) in enumerate(zip(files, delivered.receipt.file_sha256)):
+        if entry.sha256 is not None and entry.sha256 != digest:
+            raise PermanentFailure(f"receipt SHA-256 for {quoted(entry.path)} differs from the source's")
+    await node.record(
+        "transfer_delivered",
+        {
+            "transfer_id": row["id"],
+            "peer": peer.name,
+            "peer_node_key": str(peer.node_key),
+            "manifest_hash": row["manifest_hash"].hex(),
+            "files": [{"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)],
+            "receipt": delivered.envelope,
+        },
+    )
+    node.store.update(row["id"], iso_now(), state="done", receipt=delivered.envelope, bytes_done=row["bytes_total"], error=None)
+    node.sender_hashers.pop(row["id"], None)
+    await node.keep_peer_checkpoint(peer, delivered.checkpoint)
+    log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)
+
+
+async def _classify(node: Node, row, cause: BaseException, original: BaseException) -> None:
+    """Decide between retrying later and failing for good."""
+    if isinstance(cause, trio.Cancelled):
+        if node.running[row["id"]].cancelled_by_operator:
+            return  # the control server recorded the cancellation
+        raise original
+    if isinstance(cause, TransferAborted) and cause.aborted.final:
+        state = "cancelled" if cause.aborted.code == "cancelled" else "failed"
+        return await _end(node, row, state, f"receiver: {cause.aborted.reason}")
+    if isinstance(cause, (PermanentFailure, SourceChanged)):
+        return await _end(node, row, "failed", str(cause))
+    if isinstance(cause, ProtocolError) and cause.code in ("source_changed", "bad_receipt", "bad_signature"):
+        return await _end(node, row, "failed", str(cause))
+    if isinstance(cause, (OSError, trio.TooSlowError, trio.BrokenResourceError, ProtocolError, ChannelClosed, TransferAborted)):
+        attempts = row["attempts"] + 1
+        delay = backoff(attempts, node.config.retry_initial_seconds, node.config.retry_max_seconds)
+        node.retry_at[row["id"]] = trio.current_time() + delay
+        message = _describe(cause)
+        node.store.update(row["id"], iso_now(), state="waiting", error=message)
+        log.info("transfer %s: %s; retrying in %.1fs", row["id"], message, delay)
+        return
+    raise original
+
+
+def _describe(cause: BaseException) -> str:
+    if isinstance(cause, trio.TooSlowError):
+        return "peer did not answer in time"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"cannot reach peer: {cause.strerror}"
+    if isinstance(cause, TransferAborted):
+        return f"receiver: {cause.aborted.reason}"
+    return str(cause) or type(cause).__name__
+
+
+async def _end(node: Node, row, state: str, error: str) -> None:
+    node.store.update(row["id"], iso_now(), state=state, error=error)
+    node.sender_hashers.pop(row["id"], None)
+    event = "transfer_cancelled" if state == "cancelled" else "transfer_failed"
+    fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": "out"}
+    fields.update({"by": "receiver"} if state == "cancelled" else {"error": error})
+    await node.record(event, fields)
+    log.warning("transfer %s %s: %s", row["id"], state, error)

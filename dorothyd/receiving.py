@@ -1,0 +1,262 @@
+"""One incoming transfer over an authenticated channel: check the offer,
+answer with what we hold, write and verify chunks, make them durable, then
+publish the complete set and sign the receipt.
+
+Durability order: chunk bytes are fsync'd before the chunk is recorded as
+held; the files are published, the ledger record fsync'd and the state
+committed before the receipt leaves this node.
+"""
+
+import shutil
+
+import trio
+
+from ..keys.truststore import Peer
+from ..protocol import messages
+from ..protocol.errors import RemoteProtocolError
+from ..protocol.manifest import Manifest, open_manifest
+from ..protocol.paths import quoted
+from ..protocol.receipt import ReceiptBody, sign_receipt
+from ..protocol.transfer import Aborted, Bitmap, Finalize, ReceiverMachine, WriteChunk
+from .channel import Channel
+from .logs import log
+from .node import Node, Running, iso_now, node_key_bytes
+from .storage import PartialFiles, hash_published, is_disk_full
+
+# Chunks are made durable (fdatasync, then recorded) at least this often:
+# the most a crash can cost an in-flight transfer.
+FLUSH_BYTES = 64 << 20
+FLUSH_CHUNKS = 256
+
+
+def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:
+    layout = []
+    for slot_base, (index, entry) in zip(manifest.chunk_bases(), enumerate(manifest.files)):
+        for chunk in range(entry.chunk_count(manifest.chunk_size)):
+            if slot_base + chunk in have:
+                length = manifest.chunk_length(index, chunk)
+                layout.append((slot_base + chunk, index, chunk * manifest.chunk_size, length))
+    return layout
+
+
+class Incoming:
+    def __init__(self, node: Node, channel: Channel, peer: Peer):
+        self.node = node
+        self.channel = channel
+        self.peer = peer
+
+    async def run(self) -> None:
+        offer = await self.channel.receive()
+        if not isinstance(offer, messages.Offer):
+            raise RemoteProtocolError("the first message must be an offer", code="unexpected_message")
+        manifest, manifest_hash = open_manifest(offer.manifest)
+        if manifest.sender != node_key_bytes(self.peer.node_key):
+            raise RemoteProtocolError("manifest is signed by another node than the connected peer", code="bad_manifest")
+        if manifest.receiver != node_key_bytes(self.node.node_key):
+            raise RemoteProtocolError("manifest is addressed to another node", code="bad_manifest")
+        self.manifest = manifest
+        self.manifest_hash = manifest_hash
+        self.id = manifest.transfer_id.hex()
+        row = self.node.store.get(self.id)
+        if row is None:
+            self._register(offer.manifest)
+        elif row["direction"] != "in" or row["manifest_hash"] != manifest_hash:
+            return await self._abort("conflict", "transfer id already used for other content", final=True)
+        elif row["state"] == "done":
+            return await self._resend_receipt(row)
+        elif row["state"] in ("failed", "cancelled"):
+            return await self._abort(row["state"], row["error"] or row["state"], final=True)
+        if self.id in self.node.running:
+            return await self._abort("busy", "this transfer is already being received", final=False)
+        published = await self._published_digests()
+        if published is not None:
+            return await self._complete(published)
+        with trio.CancelScope() as scope:
+            running = self.node.running[self.id] = Running(scope)
+            try:
+                await self._receive(running)
+            finally:
+                del self.node.running[self.id]
+        if running.cancelled_by_operator:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
+                await self._abort("cancelled", "cancelled by the receiving operator", final=True)
+
+    def _register(self, envelope: bytes) -> None:
+        files = [(entry.path, None, entry.size, entry.mtime_ns) for entry in self.manifest.files]
+        self.node.store.add_transfer(
+            id=self.id,
+            direction="in",
+            peer=self.peer.name,
+            peer_node_key=str(self.peer.node_key),
+            state="active",
+            manifest=envelope,
+            manifest_hash=self.manifest_hash,
+            files=files,
+            now=iso_now(),
+        )
+        total = self.manifest.total_bytes
+        log.info("incoming transfer %s from %s: %d files, %d bytes", self.id, self.peer.name, len(files), total)
+
+    async def _abort(self, code: str, reason: str, *, final: bool) -> None:
+        await self.channel.send(messages.Abort(code=code, reason=reason, final=final))
+
+    async def _resend_receipt(self, row) -> None:
+        checkpoint = await self.node.checkpoint()
+        await self.channel.send(messages.Receipt(receipt=row["receipt"], checkpoint=checkpoint))
+
+    async def _published_digests(self) -> list[bytes] | None:
+        """After a crash between publishing into the inbox and recording
+        the receipt: the digests of the published files, re-read."""
+        final = self.node.home.inbox_dir / self.peer.name / self.id
+        files = self.node.store.files(self.id)
+        if not final.is_dir() or any(f.sha256 is None for f in files):
+            return None
+        digests = await trio.to_thread.run_sync(hash_published, final, [f.path for f in files])
+        if digests != [f.sha256 for f in files]:
+            raise RemoteProtocolError("published files changed after a crash", code="internal")
+        return digests
+
+    async def _open_partial(self) -> tuple[PartialFiles, Bitmap, int]:
+        """Open the partial files and re-verify every chunk recorded as held:
+        damage while we were down is found here and fetched again."""
+        store, manifest = self.node.store, self.manifest
+        held = store.chunks(self.id)
+        sizes = [entry.size for entry in manifest.files]
+        partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes)
+        damaged = await trio.to_thread.run_sync(partial.verify, held, _slot_layout(manifest, held))
+        if damaged:
+            log.warning("transfer %s: %d held chunks were damaged on disk; fetching them again", self.id, len(damaged))
+            store.drop_chunks(self.id, damaged)
+            for slot in damaged:
+                del held[slot]
+        have = Bitmap(manifest.total_chunks)
+        for slot in held:
+            have.add(slot)
+        done_bytes = sum(length for _, _, _, length in _slot_layout(manifest, held))
+        return partial, have, done_bytes
+
+    async def _receive(self, running: Running) -> None:
+        store = self.node.store
+        store.update(self.id, iso_now(), state="active", error=None)
+        partial, have, done_bytes = await self._open_partial()
+        self._bases = self.manifest.chunk_bases()
+        try:
+            await trio.to_thread.run_sync(partial.create_empty)
+            machine = ReceiverMachine(self.manifest, have)
+            running.bytes_done = done_bytes
+            await self.channel.send(machine.accept())
+            pending: list[tuple[int, int, int, int]] = []  # (file, index, slot, crc)
+            pending_bytes = 0
+            while True:
+                message = await self.channel.receive()
+                if isinstance(message, messages.Done):
+                    done_bytes = await self._flush(partial, machine, pending, done_bytes)
+                    pending, pending_bytes = [], 0
+                action = machine.receive(message)
+                if isinstance(action, WriteChunk):
+                    crc = await trio.to_thread.run_sync(partial.write, action.file, action.offset, action.data)
+                    pending.append((action.file, action.index, self._slot(action.file, action.index), crc))
+                    pending_bytes += len(action.data)
+                    if pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_CHUNKS:
+                        done_bytes = await self._flush(partial, machine, pending, done_bytes)
+                        running.bytes_done = done_bytes
+                        pending, pending_bytes = [], 0
+                elif isinstance(action, Aborted):
+                    return await self._on_abort(action, partial)
+                elif isinstance(action, Finalize):
+                    return await self._finalize(partial, machine, action)
+        except OSError as exc:
+            if is_disk_full(exc):
+                log.warning("transfer %s: disk full; the sender will retry", self.id)
+                store.update(self.id, iso_now(), state="waiting", error="disk full on the receiving node")
+                with trio.CancelScope(shield=True):
+                    await self._abort("disk_full", "the receiving node's disk is full", final=False)
+                return
+            raise
+        finally:
+            partial.close()
+
+    def _slot(self, file: int, index: int) -> int:
+        return self._bases[file] + index
+
+    async def _flush(self, partial, machine, pending, done_bytes) -> int:
+        if not pending:
+            return done_bytes
+        await trio.to_thread.run_sync(partial.flush)
+        done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
+        self.node.store.add_chunks(self.id, [(slot, crc) for _, _, slot, crc in pending], done_bytes, iso_now())
+        for file, index, _, _ in pending:
+            machine.chunk_durable(file, index)
+        return done_bytes
+
+    async def _on_abort(self, action: Aborted, partial: PartialFiles) -> None:
+        if not action.final:
+            self.node.store.update(self.id, iso_now(), state="waiting", error=action.reason[:200])
+            return
+        state = "cancelled" if action.code == "cancelled" else "failed"
+        await self._end(state, f"sender: {action.reason}", partial, by="sender")
+
+    async def _end(self, state: str, error: str, partial: PartialFiles, *, by: str) -> None:
+        await trio.to_thread.run_sync(partial.discard)
+        self.node.store.drop_chunks(self.id)
+        self.node.store.update(self.id, iso_now(), state=state, error=error)
+        fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in"}
+        if state == "cancelled":
+            await self.node.record("transfer_cancelled", {**fields, "by": by})
+        else:
+            await self.node.record("transfer_failed", {**fields, "error": error})
+        log.info("incoming transfer %s %s: %s", self.id, state, error)
+
+    async def _finalize(self, partial: PartialFiles, machine: ReceiverMachine, action: Finalize) -> None:
+        manifest, store = self.manifest, self.node.store
+        digests = []
+        for index, entry in enumerate(manifest.files):
+            digest = await trio.to_thread.run_sync(partial.file_sha256, index)
+            if digest != action.sender_sha256[index]:
+                error = f"SHA-256 of {quoted(entry.path)} does not match the sender's"
+                await self._end("failed", error, partial, by="receiver")
+                await self._abort("hash_mismatch", error, final=True)
+                return
+            digests.append(digest)
+        for index, digest in enumerate(digests):
+            store.set_file_sha256(self.id, index, digest)
+        paths = [entry.path for entry in manifest.files]
+        inbox = self.node.home.inbox_dir / self.peer.name
+        await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)
+        await self._complete(digests)
+        machine.finalized()
+
+    async def _complete(self, digests: list[bytes]) -> None:
+        """Sign the receipt, record it, then (only then) send it."""
+        manifest, node = self.manifest, self.node
+        body = ReceiptBody(
+            transfer_id=manifest.transfer_id,
+            manifest_hash=self.manifest_hash,
+            sender=manifest.sender,
+            receiver=manifest.receiver,
+            file_sha256=tuple(digests),
+            time=iso_now(),
+        )
+        receipt = sign_receipt(body, node.identity.sign)
+        files = [
+            {"path": entry.path, "size": entry.size, "sha256": digest.hex()}
+            for entry, digest in zip(manifest.files, digests)
+        ]
+        row = node.store.get(self.id)
+        await node.record(
+            "transfer_received",
+            {
+                "transfer_id": self.id,
+                "peer": self.peer.name,
+                "peer_node_key": str(self.peer.node_key),
+                "manifest_hash": self.manifest_hash.hex(),
+                "manifest": row["manifest"],
+                "files": files,
+                "receipt": receipt,
+            },
+        )
+        node.store.update(self.id, iso_now(), state="done", receipt=receipt, bytes_done=manifest.total_bytes, error=None)
+        checkpoint = await node.checkpoint()
+        await self.channel.send(messages.Receipt(receipt=receipt, checkpoint=checkpoint))
+        log.info("incoming transfer %s complete: %d files verified, receipt sent", self.id, len(files))

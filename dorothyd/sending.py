@@ -1,0 +1,130 @@
+"""One outgoing transfer over an authenticated channel: offer the signed
+manifest, send the chunks the receiver lacks and each file's SHA-256, and
+accept only a receipt that verifies against the peer's key and matches
+what we sent.
+
+Reading, hashing, compressing and sealing a chunk happen in a worker thread
+while the previous chunk is on the wire; the channel between them holds at
+most WINDOW sealed records, which is what bounds memory, whatever the size
+of the files.
+"""
+
+import trio
+
+from ..keys.truststore import Peer
+from ..protocol import messages
+from ..protocol.compression import compress_if_smaller
+from ..protocol.errors import RemoteProtocolError
+from ..protocol.manifest import open_manifest
+from ..protocol.paths import quoted
+from ..protocol.transfer import Aborted, Bitmap, Delivered, SenderMachine
+from .channel import Channel
+from .hashing import FileHasher
+from .logs import log
+from .node import Node, Running, iso_now
+from .sources import SourceReader
+
+# Sealed records queued between the worker and the socket: enough to keep
+# both busy, few enough that memory stays a few MiB per transfer.
+WINDOW = 4
+PROGRESS_EVERY = 64  # chunks between progress commits to the state db
+
+
+class TransferAborted(Exception):
+    def __init__(self, aborted: Aborted):
+        super().__init__(aborted.reason)
+        self.aborted = aborted
+
+
+class Outgoing:
+    def __init__(self, node: Node, channel: Channel, peer: Peer, row, running: Running):
+        self.node = node
+        self.channel = channel
+        self.peer = peer
+        self.row = row
+        self.id = row["id"]
+        self.running = running
+        manifest, manifest_hash = open_manifest(row["manifest"])
+        self.manifest = manifest
+        self.machine = SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
+        # SHA-256 state survives dropped connections (not restarts), so a
+        # resumed transfer does not read again what it already hashed.
+        self.hashers: dict[int, FileHasher] = node.sender_hashers.setdefault(self.id, {})
+
+    async def run(self) -> Delivered:
+        await self.channel.send(self.machine.offer())
+        result = self.machine.receive(await self.channel.receive())
+        if isinstance(result, Bitmap):
+            await self._send_all(result)
+            result = self.machine.receive(await self.channel.receive())
+        if isinstance(result, Aborted):
+            raise TransferAborted(result)
+        return result
+
+    async def _send_all(self, have: Bitmap) -> None:
+        held = sum(
+            self.manifest.chunk_length(f, i)
+            for f, base in enumerate(self.manifest.chunk_bases())
+            for i in range(self.manifest.chunk_count(f))
+            if base + i in have
+        )
+        self.running.bytes_done = held
+        send_side, receive_side = trio.open_memory_channel(WINDOW)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._produce, send_side)
+            async with receive_side:
+                async for frame in receive_side:
+                    await self.channel.send_raw(frame)
+
+    def _seal(self, message) -> bytes:
+        return self.channel.session.send_message(messages.encode(message))
+
+    async def _produce(self, out: trio.MemorySendChannel) -> None:
+        async with out:
+            files = self.node.store.files(self.id)
+            for index, row in enumerate(files):
+                digest = await self._produce_file(out, index, row)
+                if row.sha256 is None:
+                    self.node.store.set_file_sha256(self.id, index, digest)
+                await out.send(await trio.to_thread.run_sync(self._seal, messages.FileDone(file=index, sha256=digest)))
+            await out.send(self._seal(self.machine.done()))
+
+    async def _produce_file(self, out, index: int, row) -> bytes:
+        manifest, machine = self.manifest, self.machine
+        count = manifest.chunk_count(index)
+        needed = {i for i in range(count) if machine.needs(index, i)}
+        if not needed and row.sha256 is not None:
+            return row.sha256
+        hasher = self.hashers.get(index)
+        if hasher is None or (needed and min(needed) * manifest.chunk_size < hasher.offset):
+            hasher = self.hashers[index] = FileHasher()
+        reader = await trio.to_thread.run_sync(SourceReader, row.source, row.size, row.mtime_ns, quoted(row.path))
+        try:
+            sent = 0
+            for chunk in range(count):
+                offset = chunk * manifest.chunk_size
+                if offset < hasher.offset and chunk not in needed:
+                    continue  # hashed on an earlier connection, and the receiver holds it
+                frame = await trio.to_thread.run_sync(self._prepare, reader, hasher, index, chunk, chunk in needed)
+                if frame is not None:
+                    await out.send(frame)
+                    self.running.bytes_done += manifest.chunk_length(index, chunk)
+                    sent += 1
+                    if sent % PROGRESS_EVERY == 0:
+                        self.node.store.update(self.id, iso_now(), bytes_done=self.running.bytes_done)
+            await trio.to_thread.run_sync(reader.check)
+            if row.sha256 is not None and row.sha256 != hasher.digest():
+                raise RemoteProtocolError(f"{quoted(row.path)} changed after it was queued", code="source_changed")
+            return hasher.digest()
+        finally:
+            reader.close()
+
+    def _prepare(self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool) -> bytes | None:
+        """Worker thread: read, hash, and (if the receiver lacks it) compress and seal one chunk."""
+        offset = chunk * self.manifest.chunk_size
+        data = reader.read(offset, self.manifest.chunk_length(index, chunk))
+        hasher.feed(offset, data)
+        if not needed:
+            return None
+        compressed, payload = compress_if_smaller(data)
+        return self._seal(messages.Chunk(file=index, index=chunk, compressed=compressed, data=payload))

@@ -1,0 +1,134 @@
+"""Turning the paths an operator names into a signed manifest, and reading
+them back chunk by chunk, refusing any source that changed since.
+
+Names: a file travels under its base name, a directory under its base name
+with the relative paths of the regular files inside it. Symbolic links and
+special files are refused rather than followed or skipped: evidence should
+not silently change shape on the way.
+"""
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.errors import ProtocolError
+from ..protocol.manifest import DEFAULT_CHUNK_SIZE, FileEntry, Manifest, validate_manifest
+from ..protocol.paths import quoted
+
+
+class SourceError(Exception):
+    """The operator's input cannot be sent; the message names the path."""
+
+
+class SourceChanged(Exception):
+    """A source file changed after it was queued; sending it would deliver a mix."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # relative path in the transfer
+    source: bytes  # absolute path on this node
+    size: int
+    mtime_ns: int
+
+
+def _shown(path: str | bytes) -> str:
+    return quoted(os.fsdecode(path))
+
+
+def _entry(relative: str, absolute: str, st: os.stat_result) -> Source:
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"{_shown(absolute)}: the name is not valid UTF-8") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise SourceError(f"{_shown(absolute)}: symbolic links are not sent (name the target instead)")
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"{_shown(absolute)}: not a regular file")
+    try:
+        fd = os.open(absolute, os.O_RDONLY | os.O_NOFOLLOW)
+        os.close(fd)
+    except OSError as exc:
+        raise SourceError(f"{_shown(absolute)}: cannot read: {exc.strerror}") from None
+    return Source(relative, os.fsencode(absolute), st.st_size, st.st_mtime_ns)
+
+
+def collect(paths: list[str]) -> list[Source]:
+    sources = []
+    for given in paths:
+        absolute = os.path.abspath(given)
+        try:
+            st = os.lstat(absolute)
+        except OSError as exc:
+            raise SourceError(f"{_shown(given)}: {exc.strerror.lower()}") from None
+        name = os.path.basename(absolute.rstrip("/")) or absolute
+        if stat.S_ISDIR(st.st_mode):
+            sources.extend(_walk(absolute, name))
+        else:
+            sources.append(_entry(name, absolute, st))
+    if not sources:
+        raise SourceError("nothing to send: the named directories hold no files")
+    return sources
+
+
+def _walk(root: str, name: str) -> list[Source]:
+    found = []
+
+    def fail(exc: OSError):
+        raise SourceError(f"{_shown(exc.filename)}: cannot read: {exc.strerror}")
+
+    for directory, dirnames, filenames in os.walk(root, onerror=fail):
+        dirnames.sort()
+        for dirname in dirnames:
+            if os.path.islink(os.path.join(directory, dirname)):
+                raise SourceError(f"{_shown(os.path.join(directory, dirname))}: symbolic links are not sent")
+        for filename in sorted(filenames):
+            absolute = os.path.join(directory, filename)
+            relative = os.path.relpath(absolute, root).replace(os.sep, "/")
+            found.append(_entry(f"{name}/{relative}", absolute, os.lstat(absolute)))
+    return found
+
+
+def build_manifest(sources: list[Source], *, transfer_id: bytes, sender: bytes, receiver: bytes, created: str) -> Manifest:
+    manifest = Manifest(
+        transfer_id=transfer_id,
+        sender=sender,
+        receiver=receiver,
+        created=created,
+        chunk_size=DEFAULT_CHUNK_SIZE,
+        files=tuple(FileEntry(s.path, s.size, s.mtime_ns) for s in sources),
+    )
+    try:
+        validate_manifest(manifest)
+    except ProtocolError as exc:
+        raise SourceError(str(exc)) from None
+    return manifest
+
+
+class SourceReader:
+    """Reads one queued file, checking it is still what was queued (blocking
+    calls: run them in a worker thread)."""
+
+    def __init__(self, source: bytes, size: int, mtime_ns: int, shown: str):
+        self._expected = (size, mtime_ns)
+        self._shown = shown
+        try:
+            self.fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceChanged(f"{shown}: cannot open: {exc.strerror}") from None
+        self.check()
+
+    def check(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self._expected:
+            raise SourceChanged(f"{self._shown} changed after it was queued (size or modification time differ)")
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise SourceChanged(f"{self._shown} became shorter while it was being sent")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)

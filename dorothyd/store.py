@@ -1,0 +1,155 @@
+"""The durable queue and transfer state: one sqlite database in WAL mode.
+
+`synchronous=FULL` makes every commit fsync the WAL, so whatever this module
+has returned from is on disk: the queue survives kill -9, and a chunk is
+listed as held only after its bytes were fsync'd (the caller's ordering).
+"""
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+    id TEXT PRIMARY KEY,
+    direction TEXT NOT NULL CHECK (direction IN ('out', 'in')),
+    peer TEXT NOT NULL,
+    peer_node_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    manifest_hash BLOB NOT NULL,
+    bytes_total INTEGER NOT NULL,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    receipt BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    transfer_id TEXT NOT NULL REFERENCES transfers(id),
+    idx INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    source BLOB,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 BLOB,
+    PRIMARY KEY (transfer_id, idx)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    transfer_id TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    crc INTEGER NOT NULL,
+    PRIMARY KEY (transfer_id, slot)
+) WITHOUT ROWID;
+"""
+
+ACTIVE_STATES = ("queued", "active", "waiting")
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class FileRow:
+    idx: int
+    path: str
+    source: bytes | None
+    size: int
+    mtime_ns: int
+    sha256: bytes | None
+
+
+class Store:
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self):
+        return _Transaction(self._db)
+
+    def add_transfer(self, *, id, direction, peer, peer_node_key, state, manifest, manifest_hash, files, now):
+        """`files`: (path, source or None, size, mtime_ns) in manifest order."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO transfers (id, direction, peer, peer_node_key, state, manifest, manifest_hash,"
+                " bytes_total, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (id, direction, peer, peer_node_key, state, manifest, manifest_hash, sum(f[2] for f in files), now, now),
+            )
+            self._db.executemany(
+                "INSERT INTO files (transfer_id, idx, path, source, size, mtime_ns) VALUES (?,?,?,?,?,?)",
+                [(id, i, *f) for i, f in enumerate(files)],
+            )
+
+    def get(self, transfer_id: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
+
+    def all_transfers(self) -> list[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM transfers ORDER BY created, id").fetchall()
+
+    def files(self, transfer_id: str) -> list[FileRow]:
+        rows = self._db.execute(
+            "SELECT idx, path, source, size, mtime_ns, sha256 FROM files WHERE transfer_id = ? ORDER BY idx",
+            (transfer_id,),
+        )
+        return [FileRow(*row) for row in rows]
+
+    def update(self, transfer_id: str, now: str, **fields) -> None:
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        self._db.execute(
+            f"UPDATE transfers SET {columns}, updated = ? WHERE id = ?", (*fields.values(), now, transfer_id)
+        )
+
+    def set_file_sha256(self, transfer_id: str, idx: int, sha256: bytes) -> None:
+        self._db.execute("UPDATE files SET sha256 = ? WHERE transfer_id = ? AND idx = ?", (sha256, transfer_id, idx))
+
+    def pending_outgoing(self) -> list[sqlite3.Row]:
+        return self._db.execute(
+            "SELECT * FROM transfers WHERE direction = 'out' AND state IN ('queued', 'active', 'waiting')"
+            " ORDER BY created, id"
+        ).fetchall()
+
+    def interrupted_incoming(self) -> list[sqlite3.Row]:
+        return self._db.execute(
+            "SELECT * FROM transfers WHERE direction = 'in' AND state IN ('active', 'waiting')"
+        ).fetchall()
+
+    def chunks(self, transfer_id: str) -> dict[int, int]:
+        rows = self._db.execute("SELECT slot, crc FROM chunks WHERE transfer_id = ?", (transfer_id,))
+        return dict(rows.fetchall())
+
+    def add_chunks(self, transfer_id: str, chunks: list[tuple[int, int]], bytes_done: int, now: str) -> None:
+        """Record chunks as verified and durable. Call only after their bytes
+        were fsync'd."""
+        with self._tx():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO chunks (transfer_id, slot, crc) VALUES (?,?,?)",
+                [(transfer_id, slot, crc) for slot, crc in chunks],
+            )
+            self.update(transfer_id, now, bytes_done=bytes_done)
+
+    def drop_chunks(self, transfer_id: str, slots: list[int] | None = None) -> None:
+        if slots is None:
+            self._db.execute("DELETE FROM chunks WHERE transfer_id = ?", (transfer_id,))
+        else:
+            with self._tx():
+                self._db.executemany(
+                    "DELETE FROM chunks WHERE transfer_id = ? AND slot = ?", [(transfer_id, s) for s in slots]
+                )
+
+
+class _Transaction:
+    def __init__(self, db):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, tb):
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
