@@ -4,11 +4,8 @@ import os
 
 import click
 
-from ..dorothyd.config import load_config, parse_listen, render_config
-from ..dorothyd.ledger import Ledger
-from ..dorothyd.node import utc_now
-from ..keys.identity import NodeIdentity
-from ..keys.truststore import validate_peer_name
+from ..dorothyd.config import load_config, parse_listen
+from ..dorothyd.provision import HomeExists, create_home
 from .client import ClientError
 from .common import emit, existing_home, get_home, home_option, load_identity
 
@@ -20,21 +17,15 @@ from .common import emit, existing_home, get_home, home_option, load_identity
 def init(home_path, name, listen):
     """Create a node home: identity keys, configuration, empty trust store, ledger."""
     home = get_home(home_path)
-    validate_peer_name(name)
     try:
         parse_listen(listen)
     except ValueError as exc:
         raise ClientError(f"--listen: {exc}") from None
-    if home.exists() or home.config_file.exists():
-        raise ClientError(f"{home.root} already holds a Dorothy node; refusing to overwrite it")
-    home.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(home.root, 0o700)
-    identity = NodeIdentity.generate()
     passphrase = os.environ.get("DOROTHY_PASSPHRASE")
-    identity.save(home.key_file, passphrase.encode() if passphrase else None)
-    home.config_file.write_text(render_config(name, listen))
-    ledger = Ledger.open(home.ledger_dir, identity, now=utc_now)
-    ledger.append("node_created", {"name": name, "node_key": str(identity.node_key)})
+    try:
+        identity = create_home(home, name, listen, passphrase.encode() if passphrase else None)
+    except HomeExists as exc:
+        raise ClientError(str(exc)) from None
     click.echo(f"created node {name} in {home.root}")
     click.echo(f"node key:    {identity.node_key}")
     click.echo(f"fingerprint: {identity.node_key.fingerprint()}")

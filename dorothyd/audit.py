@@ -91,7 +91,9 @@ def _later_has_seq(fd: int, start: int, end: int, seq: int) -> bool:
         return False
 
 
-def verify_ledger(path: str | os.PathLike, sign_public: bytes, *, checkpoints: list[str] = ()) -> VerifyResult:
+def verify_ledger(
+    path: str | os.PathLike, sign_public: bytes, *, checkpoints: list[str] = ()
+) -> VerifyResult:
     """Check every record's signature, sequence and chain, then every
     checkpoint (the node's own or held by peers) against the records.
 
@@ -206,7 +208,8 @@ def verify_inclusion_json(proof: dict, sign_public: bytes) -> Record:
         check_signature(record, _verify_key(sign_public))
         if record.seq != fields["seq"]:
             raise AuditError("the record's sequence number is not the proof's")
-        merkle.verify_inclusion(record.seq, head.size, record.leaf_hash, _hashes(fields["proof"]), head.root_hash)
+        hashes = _hashes(fields["proof"])
+        merkle.verify_inclusion(record.seq, head.size, record.leaf_hash, hashes, head.root_hash)
     except (ValueError, TypeError, RecordError) as exc:
         raise AuditError(f"inclusion proof rejected: {exc}") from exc
     return record
@@ -357,7 +360,8 @@ def _compare(tid: str, sent: Record, got: Record, sender: _Node, receiver: _Node
     sent_files, got_files = _files(sent), _files(got)
     for path in sorted(sent_files.keys() | got_files.keys()):
         if sent_files.get(path) != got_files.get(path):
-            lines.append(f"transfer {tid}: file {path!r} differs between {who}: {sent_files.get(path)} vs {got_files.get(path)}")
+            versions = f"{sent_files.get(path)} vs {got_files.get(path)}"
+            lines.append(f"transfer {tid}: file {path!r} (size, sha256) differs between {who}: {versions}")
     if type(sent.fields.get("receipt")) is not bytes or sent.fields.get("receipt") != got.fields.get("receipt"):
         lines.append(f"transfer {tid}: receipt bytes differ between {who}")
     return lines
@@ -368,12 +372,18 @@ def _one_way(sender: _Node, receiver: _Node) -> list[str]:
     got, repeated = receiver.transfers("transfer_received", sender)
     lines += repeated
     for tid, record in sent.items():
-        if tid not in got:
-            lines.append(f"transfer {tid}: {sender.name} recorded it delivered to {receiver.name}, who has no transfer_received for it")
-        else:
+        if tid in got:
             lines += _compare(tid, record, got[tid], sender, receiver)
+        else:
+            lines.append(
+                f"transfer {tid}: {sender.name} recorded it delivered to {receiver.name},"
+                f" who has no transfer_received for it"
+            )
     for tid in (tid for tid in got if tid not in sent):
-        lines.append(f"transfer {tid}: {receiver.name} recorded it received from {sender.name}, who has no transfer_delivered for it")
+        lines.append(
+            f"transfer {tid}: {receiver.name} recorded it received from {sender.name},"
+            f" who has no transfer_delivered for it"
+        )
     return lines
 
 

@@ -65,21 +65,25 @@ async def connect(host: str, port: int, identity, peer_dh_public: bytes, *, conn
     with trio.fail_after(connect_timeout):
         stream = await trio.open_tcp_stream(host, port)
     try:
-        session = Session(
-            initiator=True,
-            static_private=identity.dh_private,
-            ephemeral_private=os.urandom(32),
-            remote_static=peer_dh_public,
-        )
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await stream.send_all(session.initiate())
-            while not isinstance(session.next_event(), Authenticated):
-                data = await stream.receive_some(RECEIVE_SIZE)
-                session.receive_data(data)
-        return Channel(stream, session, idle_timeout)
+        return await initiate(stream, identity, peer_dh_public, idle_timeout=idle_timeout)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+
+
+async def initiate(stream: trio.abc.Stream, identity, peer_dh_public: bytes, *, idle_timeout: float) -> Channel:
+    """Run the initiator's handshake; the responder must hold `peer_dh_public`."""
+    session = Session(
+        initiator=True,
+        static_private=identity.dh_private,
+        ephemeral_private=os.urandom(32),
+        remote_static=peer_dh_public,
+    )
+    with trio.fail_after(HANDSHAKE_TIMEOUT):
+        await stream.send_all(session.initiate())
+        while not isinstance(session.next_event(), Authenticated):
+            session.receive_data(await stream.receive_some(RECEIVE_SIZE))
+    return Channel(stream, session, idle_timeout)
 
 
 async def accept(stream: trio.abc.Stream, identity, authorize, *, idle_timeout: float) -> Channel:

@@ -5,6 +5,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..protocol.manifest import DEFAULT_CHUNK_SIZE
+
 
 class ConfigError(Exception):
     pass
@@ -24,6 +26,7 @@ class Config:
     # peer cannot pin a transfer slot forever.
     idle_timeout_seconds: float = 120.0
     log_format: str = "text"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
 # section -> key -> (field, type, check, description)
@@ -43,6 +46,14 @@ _SCHEMA = {
     "network": {
         "connect_timeout_seconds": ("connect_timeout_seconds", (int, float), lambda v: 0.1 <= v <= 600, "0.1 to 600"),
         "idle_timeout_seconds": ("idle_timeout_seconds", (int, float), lambda v: 1 <= v <= 86400, "1 to 86400"),
+    },
+    "transfer": {
+        "chunk_size": (
+            "chunk_size",
+            int,
+            lambda v: (1 << 16) <= v <= (1 << 22) and v & (v - 1) == 0,
+            "a power of two from 65536 to 4194304",
+        ),
     },
     "log": {
         "format": ("log_format", str, lambda v: v in ("text", "json"), "'text' or 'json'"),

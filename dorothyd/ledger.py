@@ -161,7 +161,11 @@ def _unpack(data: bytes) -> object:
 
 def decode_record(payload: bytes, offset: int | None = None) -> Record:
     """A record's structure, strictly; RecordError(MALFORMED) otherwise.
-    Neither its signature nor its place in the chain is checked here."""
+    Neither its signature nor its place in the chain is checked here.
+
+    Envelope and body must each be the canonical (shortest-form) encoding of
+    what they decode to, so a record has one spelling: a map with a repeated
+    key, say, which decoders resolve differently, is refused."""
     try:
         envelope = _unpack(payload)
         if not (type(envelope) is list and len(envelope) == 2):
@@ -171,24 +175,26 @@ def decode_record(payload: bytes, offset: int | None = None) -> Record:
             raise ValueError("payload is not [bin body, 64-byte bin sig]")
         if msgpack.packb(envelope, use_bin_type=True) != payload:
             raise ValueError("payload is not canonically encoded")
-        fields = _unpack(body)
-        if type(fields) is not dict or tuple(fields) != BODY_KEYS:
+        content = _unpack(body)
+        if type(content) is not dict or tuple(content) != BODY_KEYS:
             raise ValueError(f"body is not a map with keys {', '.join(BODY_KEYS)} in that order")
-        seq, time, event = fields["seq"], fields["time"], fields["event"]
+        seq, time, event, fields, prev = (content[key] for key in BODY_KEYS)
         if type(seq) is not int or seq < 0:
             raise ValueError("seq is not a non-negative integer")
         parse_utc(time)
         if type(event) is not str or not _EVENT_NAME.fullmatch(event):
             raise ValueError("event is not a lower-case name")
-        if type(fields["fields"]) is not dict:
+        if type(fields) is not dict:
             raise ValueError("fields is not a map")
-        check_value(fields["fields"])
-        if type(fields["prev"]) is not bytes or len(fields["prev"]) != len(GENESIS_PREV):
+        check_value(fields)
+        if type(prev) is not bytes or len(prev) != len(GENESIS_PREV):
             raise ValueError("prev is not a 32-byte hash")
+        if msgpack.packb(content, use_bin_type=True) != body:
+            raise ValueError("body is not canonically encoded")
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         end = None if offset is None else offset + LENGTH_PREFIX.size + len(payload)
         raise RecordError(MALFORMED, str(exc), offset, end) from exc
-    return Record(seq, time, event, fields["fields"], fields["prev"], sig, body, payload, offset)
+    return Record(seq, time, event, fields, prev, sig, body, payload, offset)
 
 
 def check_signature(record: Record, verify_key: nacl.signing.VerifyKey) -> None:
@@ -227,7 +233,8 @@ def scan(fd: int, start: int, end: int, verify_key: nacl.signing.VerifyKey | Non
     offset = start
     while offset < end:
         if end - offset < LENGTH_PREFIX.size:
-            raise RecordError(TRUNCATED_RECORD, "incomplete length prefix", offset, offset + LENGTH_PREFIX.size)
+            prefix_end = offset + LENGTH_PREFIX.size
+            raise RecordError(TRUNCATED_RECORD, "incomplete length prefix", offset, prefix_end)
         (length,) = LENGTH_PREFIX.unpack(_pread_exact(fd, LENGTH_PREFIX.size, offset))
         if not 0 < length <= MAX_RECORD_BYTES:
             raise RecordError(MALFORMED, f"record length {length} outside 1..{MAX_RECORD_BYTES}", offset)
@@ -310,8 +317,8 @@ class Ledger:
         directory = _make_dir(Path(directory))
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(directory / LEDGER_FILE, flags, 0o600)
-        ledger = cls(directory, fd, signer, now)
         try:
+            ledger = cls(directory, fd, signer, now)
             _fsync_dir(directory)  # a newly created file must survive a crash too
             with ledger._locked():
                 ledger._sync()

@@ -12,19 +12,14 @@ import trio
 
 from ..keys.errors import KeysError
 from ..protocol.errors import ProtocolError
-from ..protocol.messages import Abort
 from ..protocol.paths import quoted
 from .channel import ChannelClosed, connect
 from .logs import log
 from .node import Node, Running, iso_now
-from .sending import Outgoing, TransferAborted
+from .sending import PermanentFailure, TransferAborted, deliver
 from .sources import SourceChanged
 
 IDLE_POLL_SECONDS = 30.0
-
-
-class PermanentFailure(Exception):
-    pass
 
 
 def first_leaf(exc: BaseException) -> BaseException:
@@ -101,47 +96,10 @@ async def _deliver(node: Node, row, running: Running) -> None:
         idle_timeout=node.config.idle_timeout_seconds,
     )
     try:
-        outgoing = Outgoing(node, channel, peer, row, running)
-        try:
-            delivered = await outgoing.run()
-        finally:
-            if running.cancelled_by_operator:
-                with trio.CancelScope(shield=True):
-                    await _notify_cancel(channel)
-        await _record_delivery(node, row, peer, delivered)
+        await deliver(node, row, peer, running, channel)
     finally:
         with trio.CancelScope(shield=True):
             await channel.close()
-
-
-async def _notify_cancel(channel) -> None:
-    with trio.move_on_after(5):
-        try:
-            await channel.send(Abort(code="cancelled", reason="cancelled by the sending operator", final=True))
-        except Exception:
-            pass
-
-
-async def _record_delivery(node: Node, row, peer, delivered) -> None:
-    files = node.store.files(row["id"])
-    for index, (entry, digest) in enumerate(zip(files, delivered.receipt.file_sha256)):
-        if entry.sha256 is not None and entry.sha256 != digest:
-            raise PermanentFailure(f"receipt SHA-256 for {quoted(entry.path)} differs from the source's")
-    await node.record(
-        "transfer_delivered",
-        {
-            "transfer_id": row["id"],
-            "peer": peer.name,
-            "peer_node_key": str(peer.node_key),
-            "manifest_hash": row["manifest_hash"].hex(),
-            "files": [{"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)],
-            "receipt": delivered.envelope,
-        },
-    )
-    node.store.update(row["id"], iso_now(), state="done", receipt=delivered.envelope, bytes_done=row["bytes_total"], error=None)
-    node.sender_hashers.pop(row["id"], None)
-    await node.keep_peer_checkpoint(peer, delivered.checkpoint)
-    log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)
 
 
 async def _classify(node: Node, row, cause: BaseException, original: BaseException) -> None:

@@ -139,56 +139,64 @@ class Incoming:
     async def _receive(self, running: Running) -> None:
         store = self.node.store
         store.update(self.id, iso_now(), state="active", error=None)
-        partial, have, done_bytes = await self._open_partial()
+        partial, have, self._done_bytes = await self._open_partial()
         self._bases = self.manifest.chunk_bases()
+        self._pending: list[tuple[int, int, int, int]] = []  # (file, index, slot, crc): written, not yet durable
+        self._running = running
+        running.bytes_done = self._done_bytes
+        machine = ReceiverMachine(self.manifest, have)
         try:
             await trio.to_thread.run_sync(partial.create_empty)
-            machine = ReceiverMachine(self.manifest, have)
-            running.bytes_done = done_bytes
             await self.channel.send(machine.accept())
-            pending: list[tuple[int, int, int, int]] = []  # (file, index, slot, crc)
             pending_bytes = 0
             while True:
                 message = await self.channel.receive()
                 if isinstance(message, messages.Done):
-                    done_bytes = await self._flush(partial, machine, pending, done_bytes)
-                    pending, pending_bytes = [], 0
+                    await self._flush(partial, machine)
                 action = machine.receive(message)
                 if isinstance(action, WriteChunk):
                     crc = await trio.to_thread.run_sync(partial.write, action.file, action.offset, action.data)
-                    pending.append((action.file, action.index, self._slot(action.file, action.index), crc))
+                    self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
                     pending_bytes += len(action.data)
-                    if pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_CHUNKS:
-                        done_bytes = await self._flush(partial, machine, pending, done_bytes)
-                        running.bytes_done = done_bytes
-                        pending, pending_bytes = [], 0
+                    if pending_bytes >= FLUSH_BYTES or len(self._pending) >= FLUSH_CHUNKS:
+                        await self._flush(partial, machine)
+                        pending_bytes = 0
                 elif isinstance(action, Aborted):
                     return await self._on_abort(action, partial)
                 elif isinstance(action, Finalize):
                     return await self._finalize(partial, machine, action)
         except OSError as exc:
-            if is_disk_full(exc):
-                log.warning("transfer %s: disk full; the sender will retry", self.id)
-                store.update(self.id, iso_now(), state="waiting", error="disk full on the receiving node")
-                with trio.CancelScope(shield=True):
-                    await self._abort("disk_full", "the receiving node's disk is full", final=False)
-                return
-            raise
+            if not is_disk_full(exc):
+                raise
+            log.warning("transfer %s: disk full; the sender will retry", self.id)
+            store.update(self.id, iso_now(), state="waiting", error="disk full on the receiving node")
+            with trio.CancelScope(shield=True):
+                await self._abort("disk_full", "the receiving node's disk is full", final=False)
         finally:
+            # A dropped connection or a shutdown must not cost what already
+            # arrived: make it durable before letting go (a crash still can).
+            with trio.CancelScope(shield=True):
+                await self._flush_quietly(partial, machine)
             partial.close()
+            if store.get(self.id)["state"] == "active":
+                store.update(self.id, iso_now(), state="waiting")
 
-    def _slot(self, file: int, index: int) -> int:
-        return self._bases[file] + index
-
-    async def _flush(self, partial, machine, pending, done_bytes) -> int:
-        if not pending:
-            return done_bytes
+    async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
         await trio.to_thread.run_sync(partial.flush)
-        done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
-        self.node.store.add_chunks(self.id, [(slot, crc) for _, _, slot, crc in pending], done_bytes, iso_now())
+        self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
+        self.node.store.add_chunks(self.id, [(slot, crc) for _, _, slot, crc in pending], self._done_bytes, iso_now())
         for file, index, _, _ in pending:
             machine.chunk_durable(file, index)
-        return done_bytes
+        self._running.bytes_done = self._done_bytes
+
+    async def _flush_quietly(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
+        try:
+            await self._flush(partial, machine)
+        except OSError as exc:
+            log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
 
     async def _on_abort(self, action: Aborted, partial: PartialFiles) -> None:
         if not action.final:

@@ -30,6 +30,11 @@ WINDOW = 4
 PROGRESS_EVERY = 64  # chunks between progress commits to the state db
 
 
+class PermanentFailure(Exception):
+    """The transfer can never complete (the peer was removed, a receipt
+    contradicts the source...): fail it instead of retrying."""
+
+
 class TransferAborted(Exception):
     def __init__(self, aborted: Aborted):
         super().__init__(aborted.reason)
@@ -128,3 +133,43 @@ class Outgoing:
             return None
         compressed, payload = compress_if_smaller(data)
         return self._seal(messages.Chunk(file=index, index=chunk, compressed=compressed, data=payload))
+
+
+async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channel) -> None:
+    """Run one attempt over `channel`; on success the delivery is in the
+    ledger and the state db before this returns."""
+    outgoing = Outgoing(node, channel, peer, row, running)
+    try:
+        delivered = await outgoing.run()
+    finally:
+        if running.cancelled_by_operator:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await channel.send(messages.Abort(code="cancelled", reason="cancelled by the sending operator", final=True))
+                except Exception:
+                    pass  # best effort: the receiver also learns it at the next offer
+    await _record_delivery(node, row, peer, delivered)
+
+
+async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) -> None:
+    files = node.store.files(row["id"])
+    for entry, digest in zip(files, delivered.receipt.file_sha256):
+        if entry.sha256 is not None and entry.sha256 != digest:
+            raise PermanentFailure(f"receipt SHA-256 for {quoted(entry.path)} differs from the source's")
+    await node.record(
+        "transfer_delivered",
+        {
+            "transfer_id": row["id"],
+            "peer": peer.name,
+            "peer_node_key": str(peer.node_key),
+            "manifest_hash": row["manifest_hash"].hex(),
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)
+            ],
+            "receipt": delivered.envelope,
+        },
+    )
+    node.store.update(row["id"], iso_now(), state="done", receipt=delivered.envelope, bytes_done=row["bytes_total"], error=None)
+    node.sender_hashers.pop(row["id"], None)
+    await node.keep_peer_checkpoint(peer, delivered.checkpoint)
+    log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import ProtocolError
-from ..protocol.manifest import DEFAULT_CHUNK_SIZE, FileEntry, Manifest, validate_manifest
+from ..protocol.manifest import FileEntry, Manifest, validate_manifest
 from ..protocol.paths import quoted
 
 
@@ -90,13 +90,15 @@ def _walk(root: str, name: str) -> list[Source]:
     return found
 
 
-def build_manifest(sources: list[Source], *, transfer_id: bytes, sender: bytes, receiver: bytes, created: str) -> Manifest:
+def build_manifest(
+    sources: list[Source], *, transfer_id: bytes, sender: bytes, receiver: bytes, created: str, chunk_size: int
+) -> Manifest:
     manifest = Manifest(
         transfer_id=transfer_id,
         sender=sender,
         receiver=receiver,
         created=created,
-        chunk_size=DEFAULT_CHUNK_SIZE,
+        chunk_size=chunk_size,
         files=tuple(FileEntry(s.path, s.size, s.mtime_ns) for s in sources),
     )
     try:

@@ -1,0 +1,112 @@
+"""What an operator can ask of the node's transfers: queue one, describe
+one, cancel one. The control server is only the transport for these."""
+
+import os
+import shutil
+
+import trio
+
+from ..protocol.manifest import manifest_hash, sign_manifest
+from ..protocol.paths import quoted
+from .logs import log
+from .node import Node, iso_now, node_key_bytes
+from .sources import build_manifest, collect
+from .store import FINAL_STATES
+
+
+class RequestError(Exception):
+    """The request cannot be done; the message is for the operator."""
+
+
+async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
+    """Sign a manifest for `paths`, record it in the ledger and the queue,
+    and return the transfer id. Fails on any unreadable or unsendable path."""
+    peer = node.trust.get(peer_name)
+    sources = await trio.to_thread.run_sync(collect, paths)
+    transfer_id = os.urandom(16)
+    manifest = build_manifest(
+        sources,
+        transfer_id=transfer_id,
+        sender=node_key_bytes(node.node_key),
+        receiver=node_key_bytes(peer.node_key),
+        created=iso_now(),
+        chunk_size=node.config.chunk_size,
+    )
+    envelope = sign_manifest(manifest, node.identity.sign)
+    digest = manifest_hash(manifest.encode())
+    tid = transfer_id.hex()
+    await node.record(
+        "transfer_queued",
+        {
+            "transfer_id": tid,
+            "peer": peer.name,
+            "peer_node_key": str(peer.node_key),
+            "manifest_hash": digest.hex(),
+            "files": [{"path": s.path, "size": s.size} for s in sources],
+        },
+    )
+    node.store.add_transfer(
+        id=tid,
+        direction="out",
+        peer=peer.name,
+        peer_node_key=str(peer.node_key),
+        state="queued",
+        manifest=envelope,
+        manifest_hash=digest,
+        files=[(s.path, s.source, s.size, s.mtime_ns) for s in sources],
+        now=iso_now(),
+    )
+    log.info("queued transfer %s to %s: %d files, %d bytes", tid, peer.name, len(sources), manifest.total_bytes)
+    node.wake_outbox()
+    return tid
+
+
+
+def describe(node: Node, row) -> dict:
+    running = node.running.get(row["id"])
+    bytes_done = row["bytes_done"]
+    if running is not None and row["state"] not in FINAL_STATES:
+        bytes_done = max(bytes_done, running.bytes_done)
+    return {
+        "id": row["id"],
+        "peer": row["peer"],
+        "direction": row["direction"],
+        "state": row["state"],
+        "bytes_total": row["bytes_total"],
+        "bytes_done": bytes_done,
+        "files": [
+            {"path": f.path, "size": f.size, "sha256": f.sha256.hex() if f.sha256 else None}
+            for f in node.store.files(row["id"])
+        ],
+        "error": row["error"],
+        "created": row["created"],
+        "updated": row["updated"],
+        "manifest_hash": row["manifest_hash"].hex(),
+        "receipt": row["receipt"].hex() if row["receipt"] else None,
+    }
+
+
+def find(node: Node, transfer_id: str):
+    row = node.store.get(transfer_id.lower())
+    if row is None:
+        raise RequestError(f"no transfer with id {quoted(transfer_id)}; see 'dorothy status'")
+    return row
+
+
+async def cancel_transfer(node: Node, row) -> None:
+    """Cancel in any non-final state; a running attempt is stopped and tells
+    the peer, and partial incoming data is removed."""
+    if row["state"] in FINAL_STATES:
+        raise RequestError(f"transfer {row['id']} is already {row['state']}")
+    node.store.update(row["id"], iso_now(), state="cancelled", error="cancelled by operator")
+    fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": row["direction"], "by": "operator"}
+    await node.record("transfer_cancelled", fields)
+    running = node.running.get(row["id"])
+    if running is not None:
+        running.cancelled_by_operator = True
+        running.cancel_scope.cancel()
+    if row["direction"] == "in":
+        node.store.drop_chunks(row["id"])
+        if running is None:
+            await trio.to_thread.run_sync(shutil.rmtree, node.home.partial_dir / row["id"], True)
+    log.info("transfer %s cancelled by operator", row["id"])
