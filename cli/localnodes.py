@@ -50,6 +50,14 @@ class LocalNode:
     def init(self) -> None:
         dorothy("init", "--home", self.home, "--name", self.name, "--listen", self.address)
 
+    def configure(self, **sections: dict) -> None:
+        """Rewrite dorothy.toml: [node] as created, plus the given sections."""
+        lines = ["[node]", f'name = "{self.name}"', f'listen = "{self.address}"']
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        (self.home / "dorothy.toml").write_text("\n".join(lines) + "\n")
+
     def run(self, *args, check: bool = True) -> subprocess.CompletedProcess:
         return dorothy(*args, "--home", self.home, check=check)
 

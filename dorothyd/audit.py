@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,6 +18,7 @@ import nacl.signing
 from . import merkle
 from .ledger import (
     BAD_SIGNATURE,
+    BROKEN_CHAIN,
     GAP,
     GENESIS_PREV,
     REORDERED,
@@ -92,7 +94,7 @@ def _later_has_seq(fd: int, start: int, end: int, seq: int) -> bool:
 
 
 def verify_ledger(
-    path: str | os.PathLike, sign_public: bytes, *, checkpoints: list[str] = ()
+    path: str | os.PathLike, sign_public: bytes, *, checkpoints: Sequence[str] = ()
 ) -> VerifyResult:
     """Check every record's signature, sequence and chain, then every
     checkpoint (the node's own or held by peers) against the records.
@@ -121,6 +123,9 @@ def verify_ledger(
             reason = link_error(record, tree.size, prev)
             if reason == GAP and _later_has_seq(fd, record.end, size, tree.size):
                 reason = REORDERED
+            if reason == BROKEN_CHAIN:
+                detail = f"record {tree.size}'s prev is not the hash of the record before it"
+                return failed(reason, detail, record.offset, tree.size)
             if reason:
                 detail = f"record {tree.size} carries sequence number {record.seq}"
                 return failed(reason, detail, record.offset, tree.size)

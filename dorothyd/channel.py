@@ -83,13 +83,13 @@ async def initiate(stream: trio.abc.Stream, identity, peer_dh_public: bytes, *, 
         await stream.send_all(session.initiate())
         while not isinstance(session.next_event(), Authenticated):
             session.receive_data(await stream.receive_some(RECEIVE_SIZE))
+        await stream.send_all(session.data_to_send())  # key confirmation
     return Channel(stream, session, idle_timeout)
 
 
 async def accept(stream: trio.abc.Stream, identity, authorize, *, idle_timeout: float) -> Channel:
     """Run the responder's handshake. The returned channel's peer has proven
-    its key (its first record decrypted); that record is still queued in the
-    session as the first message."""
+    its key: its key-confirmation record decrypted."""
     session = Session(
         initiator=False,
         static_private=identity.dh_private,

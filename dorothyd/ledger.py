@@ -485,8 +485,11 @@ class Ledger:
             raise LedgerError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
         # Read back what we are about to write, as any reader will: a signer
         # whose key is not the one we verify with fails here, not at audit.
-        record = decode_record(payload, self._end)
-        check_signature(record, self._verify_key)
+        try:
+            record = decode_record(payload, self._end)
+            check_signature(record, self._verify_key)
+        except RecordError as exc:
+            raise LedgerError(f"refusing to write an unverifiable record: {exc}") from exc
         try:
             _write_all(self._fd, LENGTH_PREFIX.pack(len(payload)) + payload)
             os.fsync(self._fd)

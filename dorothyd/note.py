@@ -118,7 +118,7 @@ def verifier_key(name: str, sign_public: bytes) -> str:
 def _parse_verifier_key(vkey: object) -> tuple[str, bytes, bytes]:
     if type(vkey) is not str:
         raise NoteError("verifier key must be a string")
-    parts = vkey.split("+")
+    parts = vkey.split("+", 2)  # the base64 key may itself contain "+"
     if len(parts) != 3 or not _KEY_ID_RE.fullmatch(parts[1]):
         raise NoteError("verifier key is not name+keyid+key")
     name = _check_key_name(parts[0])

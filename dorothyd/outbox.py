@@ -16,7 +16,7 @@ from ..protocol.paths import quoted
 from .channel import ChannelClosed, connect
 from .logs import log
 from .node import Node, Running, iso_now
-from .sending import PermanentFailure, TransferAborted, deliver
+from .sending import PermanentFailure, TransferAborted, deliver, notify_cancelled
 from .sources import SourceChanged
 
 IDLE_POLL_SECONDS = 30.0
@@ -70,17 +70,26 @@ async def _attempt(node: Node, transfer_id: str, scope: trio.CancelScope) -> Non
     try:
         with scope:
             row = store.get(transfer_id)
-            store.update(transfer_id, iso_now(), state="active", attempts=row["attempts"] + 1)
+            cancelling = row["state"] == "cancelled"
+            if not cancelling:
+                store.update(transfer_id, iso_now(), state="active", attempts=row["attempts"] + 1)
             try:
-                await _deliver(node, row, running)
+                if cancelling:
+                    await _connect_and(node, row, lambda peer, channel: notify_cancelled(node, row, peer, channel))
+                else:
+                    await _connect_and(node, row, lambda peer, channel: deliver(node, row, peer, running, channel))
             except BaseException as exc:
-                await _classify(node, row, first_leaf(exc), exc)
+                if cancelling:
+                    await _retry_notice(node, row, first_leaf(exc), exc)
+                else:
+                    await _classify(node, row, first_leaf(exc), exc)
     finally:
         del node.running[transfer_id]
         node.wake_outbox()
 
 
-async def _deliver(node: Node, row, running: Running) -> None:
+async def _connect_and(node: Node, row, job) -> None:
+    """Connect to the transfer's peer and run `job(peer, channel)`."""
     try:
         peer = node.trust.get(row["peer"])
     except KeysError:
@@ -96,7 +105,7 @@ async def _deliver(node: Node, row, running: Running) -> None:
         idle_timeout=node.config.idle_timeout_seconds,
     )
     try:
-        await deliver(node, row, peer, running, channel)
+        await job(peer, channel)
     finally:
         with trio.CancelScope(shield=True):
             await channel.close()
@@ -126,11 +135,23 @@ async def _classify(node: Node, row, cause: BaseException, original: BaseExcepti
     raise original
 
 
+async def _retry_notice(node: Node, row, cause: BaseException, original: BaseException) -> None:
+    if isinstance(cause, trio.Cancelled):
+        raise original
+    if isinstance(cause, PermanentFailure):
+        node.store.update(row["id"], iso_now(), notify_peer=0)  # the peer is gone: nobody to tell
+        return
+    delay = backoff(row["attempts"], node.config.retry_initial_seconds, node.config.retry_max_seconds)
+    node.store.update(row["id"], iso_now(), attempts=row["attempts"] + 1)
+    node.retry_at[row["id"]] = trio.current_time() + delay
+    log.info("transfer %s: cannot tell %s of the cancellation yet (%s)", row["id"], row["peer"], _describe(cause))
+
+
 def _describe(cause: BaseException) -> str:
     if isinstance(cause, trio.TooSlowError):
         return "peer did not answer in time"
-    if isinstance(cause, OSError) and cause.strerror:
-        return f"cannot reach peer: {cause.strerror}"
+    if isinstance(cause, OSError):
+        return f"cannot reach peer: {cause.strerror or cause}"
     if isinstance(cause, TransferAborted):
         return f"receiver: {cause.aborted.reason}"
     return str(cause) or type(cause).__name__

@@ -98,7 +98,10 @@ async def cancel_transfer(node: Node, row) -> None:
     the peer, and partial incoming data is removed."""
     if row["state"] in FINAL_STATES:
         raise RequestError(f"transfer {row['id']} is already {row['state']}")
-    node.store.update(row["id"], iso_now(), state="cancelled", error="cancelled by operator")
+    # An outgoing cancellation is also delivered to the peer, on a fresh
+    # connection (see outbox), so that it drops its partial copy.
+    notify = 1 if row["direction"] == "out" and row["state"] != "queued" else 0
+    node.store.update(row["id"], iso_now(), state="cancelled", error="cancelled by operator", notify_peer=notify)
     fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": row["direction"], "by": "operator"}
     await node.record("transfer_cancelled", fields)
     running = node.running.get(row["id"])
@@ -109,4 +112,5 @@ async def cancel_transfer(node: Node, row) -> None:
         node.store.drop_chunks(row["id"])
         if running is None:
             await trio.to_thread.run_sync(shutil.rmtree, node.home.partial_dir / row["id"], True)
+    node.wake_outbox()
     log.info("transfer %s cancelled by operator", row["id"])

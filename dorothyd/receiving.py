@@ -27,6 +27,7 @@ from .storage import PartialFiles, hash_published, is_disk_full
 # the most a crash can cost an in-flight transfer.
 FLUSH_BYTES = 64 << 20
 FLUSH_CHUNKS = 256
+FLUSH_SECONDS = 1.0
 
 
 def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -156,9 +157,15 @@ class Incoming:
                 action = machine.receive(message)
                 if isinstance(action, WriteChunk):
                     crc = await trio.to_thread.run_sync(partial.write, action.file, action.offset, action.data)
+                    if not self._pending:
+                        pending_since = trio.current_time()
                     self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
                     pending_bytes += len(action.data)
-                    if pending_bytes >= FLUSH_BYTES or len(self._pending) >= FLUSH_CHUNKS:
+                    if (
+                        pending_bytes >= FLUSH_BYTES
+                        or len(self._pending) >= FLUSH_CHUNKS
+                        or trio.current_time() - pending_since >= FLUSH_SECONDS
+                    ):
                         await self._flush(partial, machine)
                         pending_bytes = 0
                 elif isinstance(action, Aborted):

@@ -138,17 +138,29 @@ class Outgoing:
 async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channel) -> None:
     """Run one attempt over `channel`; on success the delivery is in the
     ledger and the state db before this returns."""
-    outgoing = Outgoing(node, channel, peer, row, running)
-    try:
-        delivered = await outgoing.run()
-    finally:
-        if running.cancelled_by_operator:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                try:
-                    await channel.send(messages.Abort(code="cancelled", reason="cancelled by the sending operator", final=True))
-                except Exception:
-                    pass  # best effort: the receiver also learns it at the next offer
+    delivered = await Outgoing(node, channel, peer, row, running).run()
     await _record_delivery(node, row, peer, delivered)
+
+
+async def notify_cancelled(node: Node, row, peer: Peer, channel: Channel) -> None:
+    """Tell the receiver that a transfer it may hold partially is cancelled:
+    offer it, then abort. (Not in-band on the cancelled connection: a
+    cancelled send can leave half a record on the wire.)"""
+    manifest, manifest_hash = open_manifest(row["manifest"])
+    machine = SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
+    await channel.send(machine.offer())
+    reply = machine.receive(await channel.receive())
+    if isinstance(reply, Delivered):
+        # The receiver completed before the cancellation reached it: the
+        # evidence did arrive, and the ledger must say so.
+        log.warning("transfer %s was delivered before its cancellation reached %s", row["id"], peer.name)
+        await _record_delivery(node, row, peer, reply)
+        node.store.update(row["id"], iso_now(), error="delivered before the cancellation reached the peer")
+    elif isinstance(reply, Bitmap):
+        await channel.send(messages.Abort(code="cancelled", reason="cancelled by the sending operator", final=True))
+    elif not reply.final:
+        raise TransferAborted(reply)  # busy: try again later
+    node.store.update(row["id"], iso_now(), notify_peer=0)
 
 
 async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) -> None:
@@ -169,7 +181,9 @@ async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) ->
             "receipt": delivered.envelope,
         },
     )
-    node.store.update(row["id"], iso_now(), state="done", receipt=delivered.envelope, bytes_done=row["bytes_total"], error=None)
+    node.store.update(
+        row["id"], iso_now(), state="done", receipt=delivered.envelope, bytes_done=row["bytes_total"], error=None, notify_peer=0
+    )
     node.sender_hashers.pop(row["id"], None)
     await node.keep_peer_checkpoint(peer, delivered.checkpoint)
     log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     error TEXT,
     receipt BLOB,
     attempts INTEGER NOT NULL DEFAULT 0,
+    notify_peer INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0,
     created TEXT NOT NULL,
     updated TEXT NOT NULL
@@ -110,8 +111,11 @@ class Store:
         self._db.execute("UPDATE files SET sha256 = ? WHERE transfer_id = ? AND idx = ?", (sha256, transfer_id, idx))
 
     def pending_outgoing(self) -> list[sqlite3.Row]:
+        """Outgoing work: transfers to deliver, and cancellations the peer
+        has not heard of yet."""
         return self._db.execute(
-            "SELECT * FROM transfers WHERE direction = 'out' AND state IN ('queued', 'active', 'waiting')"
+            "SELECT * FROM transfers WHERE direction = 'out'"
+            " AND (state IN ('queued', 'active', 'waiting') OR notify_peer = 1)"
             " ORDER BY created, id"
         ).fetchall()
 

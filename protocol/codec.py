@@ -1,7 +1,8 @@
 """Strict msgpack decoding for everything that arrives from a peer.
 
 Every container and string length is capped inside msgpack's own parser
-(so nothing is allocated beyond the cap), extension types are refused, and
+(so nothing is allocated beyond the cap), extension types are refused (the
+one msgpack decodes itself, Timestamp, then fails every typed accessor), and
 the typed accessors below turn any schema violation into one
 RemoteProtocolError that names the field.
 """

@@ -41,7 +41,20 @@ def decompress_exact(data: bytes, expected: int) -> bytes:
                 out += more
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(f"chunk does not decompress: {exc}", code="bad_chunk") from None
+    if len(out) == expected and not _ends_cleanly(data):
+        raise RemoteProtocolError("chunk is not exactly one complete zstd frame", code="bad_chunk")
     if len(out) != expected:
         actual = f"more than {expected}" if len(out) > expected else str(len(out))
         raise RemoteProtocolError(f"chunk decompresses to {actual} bytes, expected {expected}", code="bad_chunk")
     return out
+
+
+def _ends_cleanly(data: bytes) -> bool:
+    """The frame is complete (checksum included) with nothing after it. Run
+    only once the bounded read proved the output fits in one chunk."""
+    decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj(read_across_frames=False)
+    try:
+        decompressor.decompress(data)
+    except zstandard.ZstdError:
+        return False
+    return decompressor.eof and not decompressor.unused_data

@@ -2,8 +2,8 @@
 anything is decrypted.
 
 A frame is a 4-byte big-endian length followed by that many bytes. The length
-is checked against the decoder's limit *before* any byte of the body is
-buffered, so a peer announcing a 4 GiB frame costs us 4 bytes, not 4 GiB.
+is checked against the decoder's limit as soon as its header is buffered, so
+a peer announcing a 4 GiB frame costs us at most one read, not 4 GiB.
 """
 
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -11,7 +11,7 @@ from .errors import LocalProtocolError, RemoteProtocolError
 HEADER_LEN = 4
 
 # The largest frame of an established session. It must hold one chunk (up to
-# MAX_CHUNK_SIZE, 1 MiB) with its message header and AEAD tag, and the largest
+# MAX_CHUNK_SIZE, 4 MiB) with its message header and AEAD tag, and the largest
 # manifest we accept (MAX_MANIFEST_BYTES); 16 MiB bounds the per-connection
 # buffer while leaving room for a manifest of ~100,000 files.
 MAX_FRAME = 16 * 1024 * 1024
@@ -50,13 +50,13 @@ class FrameDecoder:
     def next_frame(self) -> bytes | None:
         if len(self._buffer) < HEADER_LEN:
             return None
+        self._check_header()
         length = int.from_bytes(self._buffer[:HEADER_LEN], "big")
         end = HEADER_LEN + length
         if len(self._buffer) < end:
             return None
         frame = bytes(self._buffer[HEADER_LEN:end])
         del self._buffer[:end]
-        self._check_header()
         return frame
 
     @property

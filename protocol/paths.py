@@ -61,7 +61,9 @@ def validate_path(path: object) -> str:
 def _fold(path: str) -> str:
     # Case-insensitive and normalising filesystems (NTFS, APFS, exFAT) treat
     # these as one name; evidence copied onwards must not silently merge.
-    return unicodedata.normalize("NFC", path).casefold()
+    # Unicode's canonical caseless match (D145): casefolding can undo NFC,
+    # hence normalising on both sides of it.
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
 
 
 def check_collisions(paths: list[str]) -> None:
@@ -71,15 +73,17 @@ def check_collisions(paths: list[str]) -> None:
     directories: dict[str, str] = {}
     for path in paths:
         folded = _fold(path)
-        other = files.get(folded) or directories.get(folded)
+        other = files.get(folded)
+        if other == path:
+            raise PathError(f"duplicate path {quoted(path)}")
         if other is not None:
-            kind = "duplicate path" if other == path else f"path collides with {quoted(other)} on case-insensitive filesystems:"
-            raise PathError(f"{kind} {quoted(path)}")
+            raise PathError(f"path {quoted(path)} collides with {quoted(other)} on case-insensitive filesystems")
+        if folded in directories:
+            raise PathError(f"path {quoted(path)} is a file, but {quoted(directories[folded])} needs it to be a directory")
         parts = folded.split("/")
-        original_parts = path.split("/")
         for depth in range(1, len(parts)):
             prefix = "/".join(parts[:depth])
             if prefix in files:
                 raise PathError(f"path {quoted(path)} needs {quoted(files[prefix])} to be a directory, but it is a file")
-            directories.setdefault(prefix, "/".join(original_parts[:depth]))
+            directories.setdefault(prefix, path)
         files[folded] = path

@@ -12,10 +12,11 @@ Layers, outermost first (SPEC.md section 3):
 
 The responder asks `authorize(peer_static)` as soon as the first handshake
 message reveals who is calling, and aborts before answering an unknown key.
-It reports `Authenticated` only after the initiator's first transport record
-decrypts: IK's first message can be replayed by anyone who recorded it, but a
-replayer cannot produce that record, so a replay never reaches the
-application.
+It reports `Authenticated` only after the initiator's key-confirmation
+record (the first transport record, empty) decrypts: IK's first message can
+be replayed by anyone who recorded it, but a replayer cannot produce that
+record, so a replay never reaches the application, and until it arrives
+frames stay capped at the handshake size.
 """
 
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ HANDSHAKE2_LEN = 32 + 16 + 1
 
 RECORD_DATA = 0
 RECORD_CLOSE = 1
+RECORD_CONFIRM = 2
 TAG_LEN = 32  # AEGIS-256 tag
 NONCE_LEN = 32  # AEGIS-256 nonce
 # Both sides replace their key after this many records in one direction. At
@@ -171,6 +173,7 @@ class Session:
         self._recv: RecordCipher | None = None
         self._eof = False
         self._outbox = bytearray()
+        self._initiated = False
         self.version: int | None = None
         self.peer_static: bytes | None = None
         self.state = State.AWAIT_HANDSHAKE2 if initiator else State.AWAIT_PREAMBLE
@@ -179,8 +182,9 @@ class Session:
 
     def initiate(self) -> bytes:
         """The initiator's opening bytes: preamble and handshake message 1."""
-        if not self.initiator or self._handshake is not None:
+        if not self.initiator or self._initiated:
             raise LocalProtocolError("initiate() is called once, by the initiator")
+        self._initiated = True
         preamble = encode_preamble(self._versions)
         self._handshake = noise.HandshakeState(
             noise.PROTOCOL_IK,
@@ -295,7 +299,8 @@ class Session:
 
     def data_to_send(self) -> bytes:
         """Bytes the session produced on its own while receiving (the
-        responder's handshake message 2); send them before anything else."""
+        responder's handshake message 2, the initiator's key confirmation);
+        send them before anything else."""
         data, self._outbox = bytes(self._outbox), bytearray()
         return data
 
@@ -311,6 +316,8 @@ class Session:
         self.version = version
         self.peer_static = self._handshake.remote_static
         self._start_transport()
+        self._frames.limit = MAX_FRAME  # the responder has proven its key
+        self._outbox += encode_frame(self._send.seal(bytes([RECORD_CONFIRM])))
         self.state = State.OPEN
         self._events.append(Authenticated(peer_static=self.peer_static, version=version))
 
@@ -321,7 +328,6 @@ class Session:
         self._send = RecordCipher(outbound, self._rekey_interval)
         self._recv = RecordCipher(inbound, self._rekey_interval)
         self._handshake = None  # its ephemeral secrets are no longer needed
-        self._frames.limit = MAX_FRAME
 
     def _on_record(self, frame: bytes) -> None:
         if len(frame) < TAG_LEN + 1:
@@ -329,9 +335,12 @@ class Session:
         plaintext = self._recv.open(frame)
         kind, body = plaintext[0], plaintext[1:]
         if self.state is State.AWAIT_CONFIRM:
+            if kind != RECORD_CONFIRM or body:
+                raise RemoteProtocolError("the first record must be the key confirmation", code="bad_record")
             self.state = State.OPEN
+            self._frames.limit = MAX_FRAME
             self._events.append(Authenticated(peer_static=self.peer_static, version=self.version))
-        if kind == RECORD_DATA:
+        elif kind == RECORD_DATA:
             self._events.append(Message(data=body))
         elif kind == RECORD_CLOSE:
             self.state = State.CLOSED

@@ -186,14 +186,14 @@ class ReceiverMachine:
         raise _unexpected(message, self.state)
 
     def _file(self, file: int):
-        if file >= len(self.manifest.files):
+        if not 0 <= file < len(self.manifest.files):
             raise RemoteProtocolError(f"file index {file} is out of range", code="bad_chunk")
         return self.manifest.files[file]
 
     def _on_chunk(self, chunk: Chunk) -> WriteChunk | None:
         self._file(chunk.file)
         count = self.manifest.chunk_count(chunk.file)
-        if chunk.index >= count:
+        if not 0 <= chunk.index < count:
             raise RemoteProtocolError(
                 f"chunk {chunk.index} of file {chunk.file} is out of range (the file has {count})", code="bad_chunk"
             )
