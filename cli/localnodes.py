@@ -22,12 +22,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# No CLI call in a demo or test should take longer; a hang becomes an error.
+CLI_DEADLINE = 300.0
+
+
 def dorothy(*args, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "dorothy.cli", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
+        timeout=CLI_DEADLINE,
     )
     if check and result.returncode != 0:
         raise RuntimeError(f"dorothy {' '.join(map(str, args))} failed: {result.stderr.strip()}")

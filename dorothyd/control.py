@@ -13,6 +13,7 @@ import struct
 import trio
 
 from ..keys.errors import KeysError
+from .logs import log
 from .node import Node
 from .queueing import RequestError, cancel_transfer, describe, find, queue_transfer
 from .sources import SourceError
@@ -47,34 +48,43 @@ def _same_user(stream: trio.SocketStream) -> bool:
 
 
 async def _serve(node: Node, stream: trio.SocketStream) -> None:
-    try:
-        if not _same_user(stream):
-            await stream.send_all(_line({"ok": False, "error": "permission denied"}))
+    """One request, one reply. Whatever goes wrong stays in this connection:
+    an unexpected error is logged and answered, never raised to the daemon."""
+    async with stream:
+        try:
+            if not _same_user(stream):
+                reply = {"ok": False, "error": "permission denied"}
+            else:
+                reply = {"ok": True, **await _dispatch(node, await _read_request(stream))}
+        except (RequestError, SourceError, KeysError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        buffer = b""
-        while b"\n" not in buffer:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buffer += data
-            if len(buffer) > MAX_REQUEST:
-                raise RequestError("request too large")
-        request = json.loads(buffer.split(b"\n", 1)[0])
-        if not isinstance(request, dict):
-            raise RequestError("request must be a JSON object")
-        reply = {"ok": True, **await _dispatch(node, request)}
-    except (RequestError, SourceError, KeysError) as exc:
-        reply = {"ok": False, "error": str(exc)}
-    except (ValueError, UnicodeDecodeError):
-        reply = {"ok": False, "error": "malformed request"}
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return
+        except Exception as exc:  # noqa: BLE001 - the daemon keeps serving everyone else
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        try:
+            await stream.send_all(_line(reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _read_request(stream: trio.SocketStream) -> dict:
+    buffer = b""
+    while b"\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise RequestError("request ended early")
+        buffer += data
+        if len(buffer) > MAX_REQUEST:
+            raise RequestError("request too large")
     try:
-        await stream.send_all(_line(reply))
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await stream.aclose()
+        request = json.loads(buffer.split(b"\n", 1)[0])
+    except (ValueError, RecursionError):
+        raise RequestError("malformed request") from None
+    if not isinstance(request, dict):
+        raise RequestError("request must be a JSON object")
+    return request
 
 
 def _line(obj) -> bytes:

@@ -6,7 +6,7 @@ The payload is `msgpack([body, sig])`: `body` is the msgpack map
 over SIGNATURE_DOMAIN || body. The signature covers the stored bytes, so a
 verifier never re-encodes anything. `prev` is SHA-256 of the previous
 record's payload, and each payload is one RFC 6962 Merkle leaf.
-docs-ledger-spec.md is the full specification.
+SPEC.md section 6 is the full specification.
 
 This module owns the record codec (shared with audit.py) and the `Ledger`
 writer: appends are fsync'd before they return, serialised across processes
@@ -304,6 +304,7 @@ class Ledger:
         self._now = now
         self._thread_lock = threading.Lock()
         self._next_seq = 0
+        self._transfer_events: set[tuple[str, str]] = set()
         self._prev = GENESIS_PREV
         self._tree = merkle.CompactRange()
         self._end = 0
@@ -413,7 +414,17 @@ class Ledger:
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def recorded(self, event: str, transfer_id: str) -> bool:
+        """Whether a record of `event` for `transfer_id` exists: lets a
+        node finishing a transfer after a crash avoid recording it twice."""
+        with self._locked():
+            self._sync()
+            return (event, transfer_id) in self._transfer_events
+
     def _accept(self, record: Record) -> None:
+        transfer_id = record.fields.get("transfer_id")
+        if isinstance(transfer_id, str):
+            self._transfer_events.add((record.event, transfer_id))
         self._next_seq += 1
         self._prev = record.digest
         self._tree.append(record.leaf_hash)

@@ -21,7 +21,7 @@ from .home import Home, resolve_home
 from .ledger import Ledger
 from .listener import run_listener
 from .logs import log, setup
-from .node import Node, utc_now
+from .node import Node, iso_now, utc_now
 from .outbox import run_outbox
 from .store import Store
 from . import tuning
@@ -52,12 +52,14 @@ def load_node(home: Home, log_format: str | None) -> Node:
     passphrase = os.environ.get("DOROTHY_PASSPHRASE")
     identity = NodeIdentity.load(home.key_file, passphrase.encode() if passphrase else None)
     ledger = Ledger.open(home.ledger_dir, identity, now=utc_now)
+    store = Store(home.state_db)
+    store.mark_interrupted(iso_now())
     return Node(
         home=home,
         config=config,
         identity=identity,
         trust=TrustStore(home.trust_file),
-        store=Store(home.state_db),
+        store=store,
         ledger=ledger,
     )
 

@@ -68,6 +68,10 @@ class Node:
         async with self._ledger_lock:
             await trio.to_thread.run_sync(self.ledger.append, event, fields)
 
+    async def recorded(self, event: str, transfer_id: str) -> bool:
+        async with self._ledger_lock:
+            return await trio.to_thread.run_sync(self.ledger.recorded, event, transfer_id)
+
     async def checkpoint(self) -> str:
         async with self._ledger_lock:
             return await trio.to_thread.run_sync(self.ledger.checkpoint)

@@ -6,7 +6,7 @@ lines `— <key name> base64(key ID || signature)`. A checkpoint
 tree size and the base64 root hash, one per line, then extension lines.
 tlog-checkpoint has no time field, so the ledger puts the signing time in
 one extension line, `time <RFC 3339 UTC>`; the whole text is signed, so the
-time is as authentic as the root (docs-ledger-spec.md says why).
+time is as authentic as the root (SPEC.md section 6 says why).
 
 Pure functions: no I/O, no clock. The signer is duck-typed: `.sign(bytes)`
 returns a 64-byte detached Ed25519 signature, `.signing_key.verify_key` is a

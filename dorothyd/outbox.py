@@ -141,8 +141,9 @@ async def _retry_notice(node: Node, row, cause: BaseException, original: BaseExc
     if isinstance(cause, PermanentFailure):
         node.store.update(row["id"], iso_now(), notify_peer=0)  # the peer is gone: nobody to tell
         return
-    delay = backoff(row["attempts"], node.config.retry_initial_seconds, node.config.retry_max_seconds)
-    node.store.update(row["id"], iso_now(), attempts=row["attempts"] + 1)
+    attempts = row["attempts"] + 1
+    delay = backoff(attempts, node.config.retry_initial_seconds, node.config.retry_max_seconds)
+    node.store.update(row["id"], iso_now(), attempts=attempts)
     node.retry_at[row["id"]] = trio.current_time() + delay
     log.info("transfer %s: cannot tell %s of the cancellation yet (%s)", row["id"], row["peer"], _describe(cause))
 

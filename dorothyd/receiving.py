@@ -40,13 +40,47 @@ def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, in
     return layout
 
 
+# Errors a retry cannot cure: the sender is told the transfer failed for
+# good (and stops retrying) instead of seeing a dropped connection. Damage in
+# transit shows up as decrypt_failed or truncated instead, and is retried.
+PERMANENT_CODES = frozenset(
+    {
+        "bad_manifest", "bad_path", "bad_chunk", "bad_file_done", "unexpected_message",
+        "incomplete", "malformed", "unknown_message", "too_large", "bad_signature",
+    }
+)
+
+
 class Incoming:
     def __init__(self, node: Node, channel: Channel, peer: Peer):
         self.node = node
         self.channel = channel
         self.peer = peer
+        self.id: str | None = None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except RemoteProtocolError as exc:
+            if exc.code in PERMANENT_CODES:
+                with trio.CancelScope(shield=True):
+                    await self._fail_permanently(exc)
+            raise
+
+    async def _fail_permanently(self, exc: RemoteProtocolError) -> None:
+        reason = f"refused by the receiver: {exc}"
+        row = self.node.store.get(self.id) if self.id else None
+        if row is not None and row["state"] not in ("done", "failed", "cancelled"):
+            await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
+            self.node.store.drop_chunks(self.id)
+            self.node.store.update(self.id, iso_now(), state="failed", error=reason)
+            await self.node.record("transfer_failed", {"transfer_id": self.id, "peer": self.peer.name, "direction": "in", "error": reason})
+        try:
+            await self._abort(exc.code, reason, final=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def _run(self) -> None:
         offer = await self.channel.receive()
         if not isinstance(offer, messages.Offer):
             raise RemoteProtocolError("the first message must be an offer", code="unexpected_message")
@@ -81,6 +115,7 @@ class Incoming:
         if running.cancelled_by_operator:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
+                self.node.store.drop_chunks(self.id)
                 await self._abort("cancelled", "cancelled by the receiving operator", final=True)
 
     def _register(self, envelope: bytes) -> None:
@@ -182,8 +217,9 @@ class Incoming:
         finally:
             # A dropped connection or a shutdown must not cost what already
             # arrived: make it durable before letting go (a crash still can).
-            with trio.CancelScope(shield=True):
-                await self._flush_quietly(partial, machine)
+            if not running.cancelled_by_operator:
+                with trio.CancelScope(shield=True):
+                    await self._flush_quietly(partial, machine)
             partial.close()
             if store.get(self.id)["state"] == "active":
                 store.update(self.id, iso_now(), state="waiting")
@@ -243,35 +279,41 @@ class Incoming:
         machine.finalized()
 
     async def _complete(self, digests: list[bytes]) -> None:
-        """Sign the receipt, record it, then (only then) send it."""
+        """Sign the receipt, record it, then (only then) send it. Each step
+        is idempotent, so finishing again after a crash anywhere in it
+        neither signs a second receipt nor records the transfer twice."""
         manifest, node = self.manifest, self.node
-        body = ReceiptBody(
-            transfer_id=manifest.transfer_id,
-            manifest_hash=self.manifest_hash,
-            sender=manifest.sender,
-            receiver=manifest.receiver,
-            file_sha256=tuple(digests),
-            time=iso_now(),
-        )
-        receipt = sign_receipt(body, node.identity.sign)
+        row = node.store.get(self.id)
+        receipt = row["receipt"]
+        if receipt is None:
+            body = ReceiptBody(
+                transfer_id=manifest.transfer_id,
+                manifest_hash=self.manifest_hash,
+                sender=manifest.sender,
+                receiver=manifest.receiver,
+                file_sha256=tuple(digests),
+                time=iso_now(),
+            )
+            receipt = sign_receipt(body, node.identity.sign)
+            node.store.update(self.id, iso_now(), receipt=receipt)
         files = [
             {"path": entry.path, "size": entry.size, "sha256": digest.hex()}
             for entry, digest in zip(manifest.files, digests)
         ]
-        row = node.store.get(self.id)
-        await node.record(
-            "transfer_received",
-            {
-                "transfer_id": self.id,
-                "peer": self.peer.name,
-                "peer_node_key": str(self.peer.node_key),
-                "manifest_hash": self.manifest_hash.hex(),
-                "manifest": row["manifest"],
-                "files": files,
-                "receipt": receipt,
-            },
-        )
-        node.store.update(self.id, iso_now(), state="done", receipt=receipt, bytes_done=manifest.total_bytes, error=None)
+        if not await node.recorded("transfer_received", self.id):
+            await node.record(
+                "transfer_received",
+                {
+                    "transfer_id": self.id,
+                    "peer": self.peer.name,
+                    "peer_node_key": str(self.peer.node_key),
+                    "manifest_hash": self.manifest_hash.hex(),
+                    "manifest": row["manifest"],
+                    "files": files,
+                    "receipt": receipt,
+                },
+            )
+        node.store.update(self.id, iso_now(), state="done", bytes_done=manifest.total_bytes, error=None)
         checkpoint = await node.checkpoint()
         await self.channel.send(messages.Receipt(receipt=receipt, checkpoint=checkpoint))
         log.info("incoming transfer %s complete: %d files verified, receipt sent", self.id, len(files))

@@ -168,19 +168,22 @@ async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) ->
     for entry, digest in zip(files, delivered.receipt.file_sha256):
         if entry.sha256 is not None and entry.sha256 != digest:
             raise PermanentFailure(f"receipt SHA-256 for {quoted(entry.path)} differs from the source's")
-    await node.record(
-        "transfer_delivered",
-        {
-            "transfer_id": row["id"],
-            "peer": peer.name,
-            "peer_node_key": str(peer.node_key),
-            "manifest_hash": row["manifest_hash"].hex(),
-            "files": [
-                {"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)
-            ],
-            "receipt": delivered.envelope,
-        },
-    )
+    # Recorded already if a crash came between the ledger and the state db.
+    if not await node.recorded("transfer_delivered", row["id"]):
+        delivered_files = [
+            {"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)
+        ]
+        await node.record(
+            "transfer_delivered",
+            {
+                "transfer_id": row["id"],
+                "peer": peer.name,
+                "peer_node_key": str(peer.node_key),
+                "manifest_hash": row["manifest_hash"].hex(),
+                "files": delivered_files,
+                "receipt": delivered.envelope,
+            },
+        )
     node.store.update(
         row["id"], iso_now(), state="done", receipt=delivered.envelope, bytes_done=row["bytes_total"], error=None, notify_peer=0
     )

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import ProtocolError
-from ..protocol.manifest import FileEntry, Manifest, validate_manifest
+from ..protocol.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, validate_manifest
+
+# msgpack array header, the signature and their length prefixes
+MANIFEST_ENVELOPE_OVERHEAD = 128
 from ..protocol.paths import quoted
 
 
@@ -105,6 +108,8 @@ def build_manifest(
         validate_manifest(manifest)
     except ProtocolError as exc:
         raise SourceError(str(exc)) from None
+    if len(manifest.encode()) > MAX_MANIFEST_BYTES - MANIFEST_ENVELOPE_OVERHEAD:
+        raise SourceError(f"the list of {len(sources)} names is too large for one transfer; send it in parts")
     return manifest
 
 

@@ -139,9 +139,9 @@ class PartialFiles:
         final = inbox_peer_dir / transfer_id
         if final.exists():
             return final  # published before a crash; nothing left to move
-        inbox_peer_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_durable_dir(inbox_peer_dir)
         staging = inbox_peer_dir / f".{transfer_id}.incoming"
-        staging.mkdir(mode=0o700, exist_ok=True)
+        _make_durable_dir(staging)
         source_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for index, path in enumerate(paths):
@@ -164,11 +164,27 @@ class PartialFiles:
         return final
 
 
+def _make_durable_dir(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entries changed, so a published
+    transfer cannot lose a directory to a power cut after its receipt left."""
+    if path.is_dir():
+        return
+    _make_durable_dir(path.parent)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
 def _open_dirs(root: Path, parts: list[str]) -> int:
+    """Create and open root/parts... without following symlinks; new
+    directories' entries are fsync'd (by the caller's fsync of each fd)."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     for part in parts:
         try:
             os.mkdir(part, 0o700, dir_fd=fd)
+            os.fsync(fd)
         except FileExistsError:
             pass
         try:

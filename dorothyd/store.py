@@ -24,7 +24,6 @@ CREATE TABLE IF NOT EXISTS transfers (
     receipt BLOB,
     attempts INTEGER NOT NULL DEFAULT 0,
     notify_peer INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0,
     created TEXT NOT NULL,
     updated TEXT NOT NULL
 );
@@ -119,10 +118,9 @@ class Store:
             " ORDER BY created, id"
         ).fetchall()
 
-    def interrupted_incoming(self) -> list[sqlite3.Row]:
-        return self._db.execute(
-            "SELECT * FROM transfers WHERE direction = 'in' AND state IN ('active', 'waiting')"
-        ).fetchall()
+    def mark_interrupted(self, now: str) -> None:
+        """At start: nothing is connected yet, so no transfer is active."""
+        self._db.execute("UPDATE transfers SET state = 'waiting', updated = ? WHERE state = 'active'", (now,))
 
     def chunks(self, transfer_id: str) -> dict[int, int]:
         rows = self._db.execute("SELECT slot, crc FROM chunks WHERE transfer_id = ?", (transfer_id,))

@@ -9,9 +9,13 @@ RemoteProtocolError that names the field.
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 
 from .errors import RemoteProtocolError
+
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
 
 def _no_ext(code, data):
@@ -82,6 +86,13 @@ class Fields:
         value = self._get(key)
         if type(value) is not str or len(value) > max_len:
             raise self._bad(key, f"a string of at most {max_len} characters")
+        return value
+
+    def time(self, key: str) -> str:
+        """An RFC 3339 UTC time as Dorothy writes it: 2026-11-29T06:40:00.123456Z."""
+        value = self.str(key, max_len=32)
+        if not _TIME.fullmatch(value):
+            raise self._bad(key, "an RFC 3339 UTC time like 2026-11-29T06:40:00.123456Z")
         return value
 
     def list(self, key: str, *, max_len: int) -> list:

@@ -154,9 +154,13 @@ def open_manifest(envelope: bytes) -> tuple[Manifest, bytes]:
         transfer_id=fields.bytes("transfer_id", length=TRANSFER_ID_LEN),
         sender=sender,
         receiver=fields.bytes("receiver", length=NODE_KEY_LEN),
-        created=fields.str("created", max_len=64),
+        created=fields.time("created"),
         chunk_size=fields.int("chunk_size", 0, MAX_CHUNK_SIZE),
         files=tuple(files),
     )
     validate_manifest(manifest)
+    if manifest.encode() != body:
+        # One meaning per signed byte string: a repeated key or another
+        # encoder's choices could make two decoders read different manifests.
+        raise RemoteProtocolError("manifest is not in canonical encoding", code="bad_manifest")
     return manifest, manifest_hash(body)

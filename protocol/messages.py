@@ -89,7 +89,10 @@ def encode(message) -> bytes:
         case Receipt():
             return pack({"t": "receipt", "receipt": message.receipt, "checkpoint": message.checkpoint})
         case Abort():
-            return pack({"t": "abort", "code": message.code, "reason": message.reason, "final": message.final})
+            # Reasons can quote long (escaped) paths: cut them to what every
+            # decoder accepts rather than make the abort itself malformed.
+            reason = message.reason[:MAX_REASON]
+            return pack({"t": "abort", "code": message.code[:64], "reason": reason, "final": message.final})
     raise TypeError(f"not a message: {message!r}")
 
 

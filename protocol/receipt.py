@@ -50,11 +50,14 @@ def open_receipt(envelope: bytes, receiver_sign_public: bytes) -> ReceiptBody:
     hashes = fields.list("files", max_len=MAX_FILES)
     if not all(type(h) is bytes and len(h) == 32 for h in hashes):
         raise RemoteProtocolError("receipt file hashes must be 32-byte SHA-256 values", code="bad_receipt")
-    return ReceiptBody(
+    receipt = ReceiptBody(
         transfer_id=fields.bytes("transfer_id", length=TRANSFER_ID_LEN),
         manifest_hash=fields.bytes("manifest_hash", length=32),
         sender=fields.bytes("sender", length=NODE_KEY_LEN),
         receiver=fields.bytes("receiver", length=NODE_KEY_LEN),
         file_sha256=tuple(hashes),
-        time=fields.str("time", max_len=64),
+        time=fields.time("time"),
     )
+    if receipt.encode() != body:
+        raise RemoteProtocolError("receipt is not in canonical encoding", code="bad_receipt")
+    return receipt

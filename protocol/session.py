@@ -46,6 +46,7 @@ HANDSHAKE2_LEN = 32 + 16 + 1
 RECORD_DATA = 0
 RECORD_CLOSE = 1
 RECORD_CONFIRM = 2
+MAX_CLOSE_REASON = 1024  # bytes of UTF-8
 TAG_LEN = 32  # AEGIS-256 tag
 NONCE_LEN = 32  # AEGIS-256 nonce
 # Both sides replace their key after this many records in one direction. At
@@ -210,7 +211,8 @@ class Session:
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot close in state {self.state.value}")
         self.state = State.CLOSED
-        return encode_frame(self._send.seal(bytes([RECORD_CLOSE]) + reason.encode("utf-8")[:1024]))
+        reason_bytes = reason.encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
+        return encode_frame(self._send.seal(bytes([RECORD_CLOSE]) + reason_bytes))
 
     # -- receiving ---------------------------------------------------------
 

@@ -178,20 +178,20 @@ class ReceiverMachine:
         if isinstance(message, Chunk):
             return self._on_chunk(message)
         if isinstance(message, FileDone):
-            self._file(message.file)
+            self._file(message.file, "bad_file_done")
             self._sender_sha256[message.file] = message.sha256
             return None
         if isinstance(message, Done):
             return self._on_done()
         raise _unexpected(message, self.state)
 
-    def _file(self, file: int):
+    def _file(self, file: int, code: str):
         if not 0 <= file < len(self.manifest.files):
-            raise RemoteProtocolError(f"file index {file} is out of range", code="bad_chunk")
+            raise RemoteProtocolError(f"file index {file} is out of range", code=code)
         return self.manifest.files[file]
 
     def _on_chunk(self, chunk: Chunk) -> WriteChunk | None:
-        self._file(chunk.file)
+        self._file(chunk.file, "bad_chunk")
         count = self.manifest.chunk_count(chunk.file)
         if not 0 <= chunk.index < count:
             raise RemoteProtocolError(

@@ -102,9 +102,9 @@ def _slow_link(alpha, bravo, rate):
     return proxy
 
 
-def _retrust(alpha, bravo, port):
+def _retrust(alpha, bravo, address):
     alpha.run("peer", "remove", "bravo")
-    alpha.run("peer", "add", "bravo", f"127.0.0.1:{port}", bravo.node_key())
+    alpha.run("peer", "add", "bravo", address, bravo.node_key())
 
 
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
@@ -115,7 +115,7 @@ def test_killed_node_resumes_without_resending_verified_chunks(nodes, tmp_path, 
     source.write_bytes(os.urandom(size))
     proxy = _slow_link(alpha, bravo, rate=16 * MiB)
     with ProxyThread(proxy):
-        _retrust(alpha, bravo, proxy.port)
+        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
         alpha.start()
         bravo.start()
         transfer_id = json.loads(alpha.run("send", "bravo", source, "--json").stdout)["id"]
@@ -164,7 +164,7 @@ def test_cancel_while_waiting_queued_active_and_done(nodes, tmp_path):
     # active, then queued behind it (one transfer at a time), over a slow link
     proxy = _slow_link(alpha, bravo, rate=4 * MiB)
     with ProxyThread(proxy):
-        _retrust(alpha, bravo, proxy.port)
+        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
         bravo.start()
         active_id = json.loads(alpha.run("send", "bravo", big, "--json").stdout)["id"]
         alpha.wait_state(active_id, ("active",))
@@ -180,7 +180,7 @@ def test_cancel_while_waiting_queued_active_and_done(nodes, tmp_path):
     assert not (bravo.home / "inbox" / "alpha" / active_id).exists()
     assert alpha.status(queued_id)["state"] == "cancelled"
     # done: nothing left to cancel
-    _retrust(alpha, bravo, bravo.port)
+    _retrust(alpha, bravo, bravo.address)
     done_id = json.loads(alpha.run("send", "bravo", small, "--json", "--wait").stdout)["id"]
     result = alpha.run("cancel", done_id, check=False)
     assert result.returncode == 1 and "already done" in result.stderr
@@ -193,7 +193,7 @@ def test_receiver_cancels_an_incoming_transfer(nodes, tmp_path):
     source.write_bytes(os.urandom(24 * MiB))
     proxy = _slow_link(alpha, bravo, rate=4 * MiB)
     with ProxyThread(proxy):
-        _retrust(alpha, bravo, proxy.port)
+        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
         alpha.start()
         bravo.start()
         transfer_id = json.loads(alpha.run("send", "bravo", source, "--json").stdout)["id"]

@@ -43,7 +43,7 @@ RECEIVER_KEY = nacl.signing.SigningKey.generate()
 THIRD_KEY = nacl.signing.SigningKey.generate()
 SENDER = SENDER_KEY.verify_key.encode() + bytes(range(32))
 RECEIVER = RECEIVER_KEY.verify_key.encode() + bytes(range(32, 64))
-TIME = "2024-05-01T12:00:00Z"
+TIME = "2024-05-01T12:00:00.000000Z"
 
 
 def wire(message):
@@ -350,7 +350,7 @@ def test_chunk_file_index_out_of_range(receiving):
 
 def test_file_done_index_out_of_range(receiving):
     t = receiving
-    remote_error(lambda: t.receiver.receive(FileDone(file=3, sha256=bytes(32))), "bad_chunk", "file index 3")
+    remote_error(lambda: t.receiver.receive(FileDone(file=3, sha256=bytes(32))), "bad_file_done", "file index 3")
 
 
 @pytest.mark.parametrize("file, index, count", [(0, 2, 2), (1, 1, 1), (2, 0, 0), (0, 10**6, 2)])
