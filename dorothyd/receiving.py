@@ -51,6 +51,34 @@ PERMANENT_CODES = frozenset(
 )
 
 
+class InFlight:
+    """A blocking call running in a worker thread while the event loop goes
+    on; `result()` waits for it. At most one per transfer, so order holds."""
+
+    def __init__(self, action: WriteChunk, fn, *args):
+        self.action = action
+        self._done = trio.Event()
+        self._outcome = None
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(outcome) -> None:
+            self._outcome = outcome
+            token.run_sync_soon(self._done.set)
+
+        trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver)
+
+    async def settle(self) -> None:
+        await self._done.wait()
+
+    @property
+    def succeeded(self) -> bool:
+        return self._outcome is not None and not hasattr(self._outcome, "error")
+
+    async def result(self):
+        await self._done.wait()
+        return self._outcome.unwrap()
+
+
 class Incoming:
     def __init__(self, node: Node, channel: Channel, peer: Peer):
         self.node = node
@@ -178,31 +206,32 @@ class Incoming:
         partial, have, self._done_bytes = await self._open_partial()
         self._bases = self.manifest.chunk_bases()
         self._pending: list[tuple[int, int, int, int]] = []  # (file, index, slot, crc): written, not yet durable
+        self._pending_bytes = 0
+        self._pending_since = 0.0
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
+        # One chunk's write (copy, pwrite, SHA-256, CRC) runs in a worker
+        # thread while the event loop receives and decrypts the next one.
+        writing: InFlight | None = None
         try:
             await trio.to_thread.run_sync(partial.create_empty)
             await self.channel.send(machine.accept())
-            pending_bytes = 0
             while True:
                 message = await self.channel.receive()
                 if isinstance(message, messages.Done):
+                    if writing is not None:
+                        await self._written(writing, partial, machine)
+                        writing = None
                     await self._flush(partial, machine)
                 action = machine.receive(message)
+                if writing is not None and action is not None:
+                    # A new write or the end of the transfer: the write in
+                    # flight comes first.
+                    await self._written(writing, partial, machine)
+                    writing = None
                 if isinstance(action, WriteChunk):
-                    crc = await trio.to_thread.run_sync(partial.write, action.file, action.offset, action.data)
-                    if not self._pending:
-                        pending_since = trio.current_time()
-                    self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
-                    pending_bytes += len(action.data)
-                    if (
-                        pending_bytes >= FLUSH_BYTES
-                        or len(self._pending) >= FLUSH_CHUNKS
-                        or trio.current_time() - pending_since >= FLUSH_SECONDS
-                    ):
-                        await self._flush(partial, machine)
-                        pending_bytes = 0
+                    writing = InFlight(action, partial.write, action.file, action.offset, action.data)
                 elif isinstance(action, Aborted):
                     return await self._on_abort(action, partial)
                 elif isinstance(action, Finalize):
@@ -215,19 +244,39 @@ class Incoming:
             with trio.CancelScope(shield=True):
                 await self._abort("disk_full", "the receiving node's disk is full", final=False)
         finally:
-            # A dropped connection or a shutdown must not cost what already
-            # arrived: make it durable before letting go (a crash still can).
-            if not running.cancelled_by_operator:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if writing is not None:
+                    await writing.settle()  # never close files under a running write
+                # A dropped connection or a shutdown must not cost what
+                # already arrived: make it durable before letting go (a
+                # crash still can).
+                if not running.cancelled_by_operator:
+                    if writing is not None and writing.succeeded:
+                        await self._written(writing, partial, machine)
                     await self._flush_quietly(partial, machine)
             partial.close()
             if store.get(self.id)["state"] == "active":
                 store.update(self.id, iso_now(), state="waiting")
 
+    async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
+        """Account for a finished write; flush when enough is pending."""
+        crc = await writing.result()
+        action = writing.action
+        if not self._pending:
+            self._pending_since = trio.current_time()
+        self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
+        self._pending_bytes += len(action.data)
+        if (
+            self._pending_bytes >= FLUSH_BYTES
+            or len(self._pending) >= FLUSH_CHUNKS
+            or trio.current_time() - self._pending_since >= FLUSH_SECONDS
+        ):
+            await self._flush(partial, machine)
+
     async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         await trio.to_thread.run_sync(partial.flush)
         self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
         self.node.store.add_chunks(self.id, [(slot, crc) for _, _, slot, crc in pending], self._done_bytes, iso_now())
