@@ -17,6 +17,10 @@ from ..keys.errors import KeysError
 from ..keys.identity import NodeIdentity
 from .client import ClientError
 
+# Everything Dorothy creates in a home (keys, state, ledger, evidence) is
+# for its owner alone.
+OWNER_ONLY = 0o077
+
 USER_ERRORS = (ClientError, KeysError, ConfigError, LedgerError, AuditError, NoteError, OSError, ValueError)
 
 
@@ -24,6 +28,7 @@ class Group(click.Group):
     """Turns every known error into one line on stderr; never a traceback."""
 
     def invoke(self, ctx):
+        previous = os.umask(OWNER_ONLY)
         try:
             return super().invoke(ctx)
         except USER_ERRORS as exc:
@@ -31,6 +36,8 @@ class Group(click.Group):
             where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
             click.echo(f"dorothy: {where}{message}", err=True)
             sys.exit(1)
+        finally:
+            os.umask(previous)
 
 
 def home_option(command):

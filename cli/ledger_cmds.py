@@ -116,7 +116,8 @@ def verify(home_path, file, node_key, checkpoints, as_json):
     elif result.ok:
         click.echo(f"ledger intact: {result.records} records, root {result.root.hex()}")
     else:
-        click.echo(f"ledger NOT intact: record {result.seq} (offset {result.offset}): {result.reason}: {result.detail}", err=True)
+        where = f"record {result.seq} (offset {result.offset}): " if result.seq is not None else ""
+        click.echo(f"ledger NOT intact: {where}{result.reason}: {result.detail}", err=True)
     sys.exit(0 if result.ok else 1)
 
 
@@ -166,14 +167,30 @@ def verify_proof(node_key, proof_file):
     """Verify a proof file written by `prove` or `consistency`, offline."""
     if node_key is None:
         raise ClientError("--node-key is required")
-    data = json.loads(Path(proof_file).read_text(encoding="utf-8"))
     key = NodeKey.decode(node_key).sign_public
-    for proof in data.get("proofs", [data]):
+    for proof in _proofs_in(Path(proof_file)):
         if "record" in proof:
             audit.verify_inclusion_json(proof, key)
         else:
             audit.verify_consistency_json(proof, key)
     click.echo("proof verified")
+
+
+# What `prove` and `consistency` print around the proofs themselves.
+PROOF_ANNOTATIONS = ("event", "verified", "transfer_id")
+
+
+def _proofs_in(path: Path) -> list[dict]:
+    """The proofs in a file written by `prove` (several) or `consistency`
+    (one), or a single proof as SPEC.md section 6 spells it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise ClientError(f"{path} is not JSON") from None
+    items = data.get("proofs", [data]) if isinstance(data, dict) else None
+    if not (isinstance(items, list) and items and all(isinstance(item, dict) for item in items)):
+        raise ClientError(f"{path} is not a proof written by 'dorothy ledger prove' or 'consistency'")
+    return [{k: v for k, v in item.items() if k not in PROOF_ANNOTATIONS} for item in items]
 
 
 @ledger.command()

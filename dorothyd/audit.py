@@ -302,7 +302,7 @@ def record_json(record: Record) -> dict:
 
 
 def export_jsonl(records: list[Record]) -> str:
-    return "".join(json.dumps(record_json(r), ensure_ascii=False) + "\n" for r in records)
+    return "".join(json.dumps(record_json(r), ensure_ascii=True) + "\n" for r in records)
 
 
 def _cell(value: object) -> str:
@@ -317,7 +317,7 @@ def export_csv(records: list[Record]) -> str:
     writer.writerow(["seq", "time", "event", "transfer_id", "peer", "sha256", "fields"])
     for r in records:
         row = [r.seq, r.time, r.event, r.fields.get("transfer_id"), r.fields.get("peer"), r.digest.hex()]
-        row.append(json.dumps(_jsonable(r.fields), ensure_ascii=False, sort_keys=True))
+        row.append(json.dumps(_jsonable(r.fields), ensure_ascii=True, sort_keys=True))
         writer.writerow([_cell(value) for value in row])
     return out.getvalue()
 

@@ -52,10 +52,13 @@ async def _serve(node: Node, stream: trio.SocketStream) -> None:
     an unexpected error is logged and answered, never raised to the daemon."""
     async with stream:
         try:
+            # Read first, refuse after: a client refused before its request
+            # was read would see a broken pipe instead of the reason.
+            request = await _read_request(stream)
             if not _same_user(stream):
-                reply = {"ok": False, "error": "permission denied"}
+                reply = {"ok": False, "error": "permission denied: the daemon belongs to another user"}
             else:
-                reply = {"ok": True, **await _dispatch(node, await _read_request(stream))}
+                reply = {"ok": True, **await _dispatch(node, request)}
         except (RequestError, SourceError, KeysError) as exc:
             reply = {"ok": False, "error": str(exc)}
         except (trio.BrokenResourceError, trio.ClosedResourceError):

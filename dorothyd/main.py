@@ -92,6 +92,7 @@ async def _main(node: Node) -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log format on stderr.")
 def main(home_path: str | None, log_format: str | None) -> None:
     """Run a Dorothy node in the foreground until SIGINT or SIGTERM."""
+    os.umask(0o077)  # every file the daemon creates is owner-only
     home = Home(resolve_home(home_path))
     try:
         if home.root.is_dir():
