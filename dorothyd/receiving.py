@@ -28,6 +28,9 @@ from .storage import PartialFiles, hash_published, is_disk_full
 FLUSH_BYTES = 64 << 20
 FLUSH_CHUNKS = 256
 FLUSH_SECONDS = 1.0
+# Chunks queued behind a running write before the receiver stops reading:
+# the back-pressure that bounds its memory.
+MAX_QUEUED_BYTES = 8 << 20
 
 
 def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -52,11 +55,11 @@ PERMANENT_CODES = frozenset(
 
 
 class InFlight:
-    """A blocking call running in a worker thread while the event loop goes
-    on; `result()` waits for it. At most one per transfer, so order holds."""
+    """A batch of writes running in a worker thread while the event loop
+    goes on; `result()` waits for it. At most one per transfer at a time."""
 
-    def __init__(self, action: WriteChunk, fn, *args):
-        self.action = action
+    def __init__(self, actions: list[WriteChunk], fn, *args):
+        self.actions = actions
         self._done = trio.Event()
         self._outcome = None
         token = trio.lowlevel.current_trio_token()
@@ -69,6 +72,10 @@ class InFlight:
 
     async def settle(self) -> None:
         await self._done.wait()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
 
     @property
     def succeeded(self) -> bool:
@@ -213,28 +220,32 @@ class Incoming:
         machine = ReceiverMachine(self.manifest, have)
         # One chunk's write (copy, pwrite, SHA-256, CRC) runs in a worker
         # thread while the event loop receives and decrypts the next one.
+        # Chunks are written (copy, pwrite, SHA-256, CRC) in a worker thread
+        # while the event loop receives and decrypts the next ones; those
+        # that arrive meanwhile are written together in the next hop, so a
+        # folder of small files does not pay a thread hop per file.
         writing: InFlight | None = None
+        queued: list[WriteChunk] = []
         try:
             await trio.to_thread.run_sync(partial.create_empty)
             await self.channel.send(machine.accept())
             while True:
                 message = await self.channel.receive()
                 if isinstance(message, messages.Done):
-                    if writing is not None:
-                        await self._written(writing, partial, machine)
-                        writing = None
+                    writing, queued = await self._drain(writing, queued, partial, machine), []
                     await self._flush(partial, machine)
                 action = machine.receive(message)
-                if writing is not None and action is not None:
-                    # A new write or the end of the transfer: the write in
-                    # flight comes first.
-                    await self._written(writing, partial, machine)
-                    writing = None
                 if isinstance(action, WriteChunk):
-                    writing = InFlight(action, partial.write, action.file, action.offset, action.data)
-                elif isinstance(action, Aborted):
-                    return await self._on_abort(action, partial)
-                elif isinstance(action, Finalize):
+                    queued.append(action)
+                    if writing is not None and (writing.finished or sum(len(a.data) for a in queued) > MAX_QUEUED_BYTES):
+                        await self._written(writing, partial, machine)
+                        writing = None
+                    if writing is None:
+                        writing, queued = InFlight(queued, partial.write_batch, queued), []
+                elif isinstance(action, (Aborted, Finalize)):
+                    writing, queued = await self._drain(writing, queued, partial, machine), []
+                    if isinstance(action, Aborted):
+                        return await self._on_abort(action, partial)
                     return await self._finalize(partial, machine, action)
         except OSError as exc:
             if not is_disk_full(exc):
@@ -251,21 +262,30 @@ class Incoming:
                 # already arrived: make it durable before letting go (a
                 # crash still can).
                 if not running.cancelled_by_operator:
-                    if writing is not None and writing.succeeded:
-                        await self._written(writing, partial, machine)
+                    try:
+                        await self._drain(writing if writing is not None and writing.succeeded else None, queued, partial, machine)
+                    except OSError as exc:
+                        log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
                     await self._flush_quietly(partial, machine)
             partial.close()
             if store.get(self.id)["state"] == "active":
                 store.update(self.id, iso_now(), state="waiting")
 
+    async def _drain(self, writing, queued: list[WriteChunk], partial: PartialFiles, machine: ReceiverMachine) -> None:
+        """Finish the batch in flight and write what is queued."""
+        if writing is not None:
+            await self._written(writing, partial, machine)
+        if queued:
+            await self._written(InFlight(queued, partial.write_batch, queued), partial, machine)
+
     async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
-        """Account for a finished write; flush when enough is pending."""
-        crc = await writing.result()
-        action = writing.action
-        if not self._pending:
-            self._pending_since = trio.current_time()
-        self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
-        self._pending_bytes += len(action.data)
+        """Account for a finished batch of writes; flush when enough is pending."""
+        crcs = await writing.result()
+        for action, crc in zip(writing.actions, crcs):
+            if not self._pending:
+                self._pending_since = trio.current_time()
+            self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
+            self._pending_bytes += len(action.data)
         if (
             self._pending_bytes >= FLUSH_BYTES
             or len(self._pending) >= FLUSH_CHUNKS
@@ -319,8 +339,7 @@ class Incoming:
                 await self._abort("hash_mismatch", error, final=True)
                 return
             digests.append(digest)
-        for index, digest in enumerate(digests):
-            store.set_file_sha256(self.id, index, digest)
+        store.set_file_sha256(self.id, dict(enumerate(digests)))
         paths = [entry.path for entry in manifest.files]
         inbox = self.node.home.inbox_dir / self.peer.name
         await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)

@@ -28,6 +28,10 @@ from .sources import SourceReader
 # both busy, few enough that memory stays a few MiB per transfer.
 WINDOW = 4
 PROGRESS_EVERY = 64  # chunks between progress commits to the state db
+SHA_BATCH = 256  # file hashes saved per state-db transaction
+# Files of at most one chunk read per worker-thread hop: at most 64 MiB of
+# sealed records (64 chunks), and the channel's window still bounds the rest.
+SMALL_BATCH = 64
 
 
 class PermanentFailure(Exception):
@@ -55,6 +59,7 @@ class Outgoing:
         # SHA-256 state survives dropped connections (not restarts), so a
         # resumed transfer does not read again what it already hashed.
         self.hashers: dict[int, FileHasher] = node.sender_hashers.setdefault(self.id, {})
+        self._sent = 0
 
     async def run(self) -> Delivered:
         await self.channel.send(self.machine.offer())
@@ -86,43 +91,101 @@ class Outgoing:
 
     async def _produce(self, out: trio.MemorySendChannel) -> None:
         async with out:
-            files = self.node.store.files(self.id)
-            for index, row in enumerate(files):
-                digest = await self._produce_file(out, index, row)
-                if row.sha256 is None:
-                    self.node.store.set_file_sha256(self.id, index, digest)
-                await out.send(await trio.to_thread.run_sync(self._seal, messages.FileDone(file=index, sha256=digest)))
+            # Hashes are kept so that a resume after a restart need not read
+            # whole files again; saved in batches, since losing them costs
+            # only that re-read.
+            self._fresh: dict[int, bytes] = {}
+            small: list[tuple[int, object, FileHasher, bool]] = []
+            for index, row in enumerate(self.node.store.files(self.id)):
+                plan = self._plan(index, row)
+                if plan is None:  # held by the receiver, hash known
+                    await self._file_done(out, index, row, row.sha256)
+                    continue
+                hasher, needed = plan
+                if self.manifest.chunk_count(index) <= 1 and hasher.offset == 0:
+                    # Files of at most one chunk travel in batches: one
+                    # thread hop for many (most of a phone extraction).
+                    small.append((index, row, hasher, 0 in needed))
+                    if len(small) >= SMALL_BATCH:
+                        await self._small_files(out, small)
+                        small = []
+                    continue
+                await self._small_files(out, small)
+                small = []
+                await self._chunked_file(out, index, row, hasher, needed)
+                await self._file_done(out, index, row, hasher.digest())
+            await self._small_files(out, small)
+            self.node.store.set_file_sha256(self.id, self._fresh)
             await out.send(self._seal(self.machine.done()))
 
-    async def _produce_file(self, out, index: int, row) -> bytes:
-        manifest, machine = self.manifest, self.machine
-        count = manifest.chunk_count(index)
-        needed = {i for i in range(count) if machine.needs(index, i)}
+    def _plan(self, index: int, row) -> tuple[FileHasher, set[int]] | None:
+        """The hasher to continue and the chunks the receiver lacks, or None
+        when there is nothing to read."""
+        manifest = self.manifest
+        needed = {i for i in range(manifest.chunk_count(index)) if self.machine.needs(index, i)}
         if not needed and row.sha256 is not None:
-            return row.sha256
+            return None
         hasher = self.hashers.get(index)
         if hasher is None or (needed and min(needed) * manifest.chunk_size < hasher.offset):
             hasher = self.hashers[index] = FileHasher()
+        return hasher, needed
+
+    async def _file_done(self, out, index: int, row, digest: bytes) -> None:
+        self._remember(index, row, digest)
+        await out.send(self._seal(messages.FileDone(file=index, sha256=digest)))
+
+    def _remember(self, index: int, row, digest: bytes) -> None:
+        if row.sha256 is not None and row.sha256 != digest:
+            raise RemoteProtocolError(f"{quoted(row.path)} changed after it was queued", code="source_changed")
+        if row.sha256 is None:
+            self._fresh[index] = digest
+            if len(self._fresh) >= SHA_BATCH:
+                self.node.store.set_file_sha256(self.id, self._fresh)
+                self._fresh = {}
+
+    async def _small_files(self, out, batch: list) -> None:
+        sealed = await trio.to_thread.run_sync(self._whole_files, batch) if batch else []
+        for (index, row, hasher, _), (chunk, done) in zip(batch, sealed):
+            self._remember(index, row, hasher.digest())
+            if chunk is not None:
+                await self._emit(out, chunk, row.size)
+            await out.send(done)
+
+    def _whole_files(self, batch: list) -> list[tuple[bytes | None, bytes]]:
+        """Worker thread: files of at most one chunk, each opened, read,
+        re-checked, and its chunk and file_done records sealed (in wire
+        order: record nonces must follow the order records are sent)."""
+        sealed = []
+        for index, row, hasher, needed in batch:
+            reader = SourceReader(row.source, row.size, row.mtime_ns, quoted(row.path))
+            try:
+                chunk = self._prepare(reader, hasher, index, 0, needed) if row.size else None
+                reader.check()
+            finally:
+                reader.close()
+            sealed.append((chunk, self._seal(messages.FileDone(file=index, sha256=hasher.digest()))))
+        return sealed
+
+    async def _chunked_file(self, out, index: int, row, hasher: FileHasher, needed: set[int]) -> None:
+        manifest = self.manifest
         reader = await trio.to_thread.run_sync(SourceReader, row.source, row.size, row.mtime_ns, quoted(row.path))
         try:
-            sent = 0
-            for chunk in range(count):
-                offset = chunk * manifest.chunk_size
-                if offset < hasher.offset and chunk not in needed:
+            for chunk in range(manifest.chunk_count(index)):
+                if chunk * manifest.chunk_size < hasher.offset and chunk not in needed:
                     continue  # hashed on an earlier connection, and the receiver holds it
                 frame = await trio.to_thread.run_sync(self._prepare, reader, hasher, index, chunk, chunk in needed)
                 if frame is not None:
-                    await out.send(frame)
-                    self.running.bytes_done += manifest.chunk_length(index, chunk)
-                    sent += 1
-                    if sent % PROGRESS_EVERY == 0:
-                        self.node.store.update(self.id, iso_now(), bytes_done=self.running.bytes_done)
+                    await self._emit(out, frame, manifest.chunk_length(index, chunk))
             await trio.to_thread.run_sync(reader.check)
-            if row.sha256 is not None and row.sha256 != hasher.digest():
-                raise RemoteProtocolError(f"{quoted(row.path)} changed after it was queued", code="source_changed")
-            return hasher.digest()
         finally:
             reader.close()
+
+    async def _emit(self, out, frame: bytes, length: int) -> None:
+        await out.send(frame)
+        self.running.bytes_done += length
+        self._sent += 1
+        if self._sent % PROGRESS_EVERY == 0:
+            self.node.store.update(self.id, iso_now(), bytes_done=self.running.bytes_done)
 
     def _prepare(self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool) -> bytes | None:
         """Worker thread: read, hash, and (if the receiver lacks it) compress and seal one chunk."""

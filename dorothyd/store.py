@@ -106,8 +106,13 @@ class Store:
             f"UPDATE transfers SET {columns}, updated = ? WHERE id = ?", (*fields.values(), now, transfer_id)
         )
 
-    def set_file_sha256(self, transfer_id: str, idx: int, sha256: bytes) -> None:
-        self._db.execute("UPDATE files SET sha256 = ? WHERE transfer_id = ? AND idx = ?", (sha256, transfer_id, idx))
+    def set_file_sha256(self, transfer_id: str, digests: dict[int, bytes]) -> None:
+        """Record file hashes, in one transaction (one fsync, however many files)."""
+        with self._tx():
+            self._db.executemany(
+                "UPDATE files SET sha256 = ? WHERE transfer_id = ? AND idx = ?",
+                [(digest, transfer_id, idx) for idx, digest in digests.items()],
+            )
 
     def pending_outgoing(self) -> list[sqlite3.Row]:
         """Outgoing work: transfers to deliver, and cancellations the peer

@@ -90,6 +90,8 @@ def make_tree(root):
         "case/empty": b"",
         "case/exact.bin": os.urandom(2 * CHUNK),
         "case/sub/ünï\ncode;name.txt": b"evidence\n" * 100,
+        # many files of at most one chunk travel in batches
+        **{f"case/many/{i:02d}.txt": os.urandom(i * 37) for i in range(8)},
     }
     for rel, data in files.items():
         path = root / rel
