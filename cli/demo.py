@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 
+from ..keys.nodekey import NodeKey
 from ..protocol.paths import escape
+from ..protocol.receipt import open_receipt
 from .localnodes import dorothy, pair
 
 
@@ -57,15 +59,20 @@ def demo(keep):
         sent = alpha.status(transfer_id)
         received = bravo.wait_state(transfer_id, ("done", "failed", "cancelled"))
         click.echo(f"   alpha: {sent['state']}  bravo: {received['state']}  ({sent['bytes_total']} bytes)")
-        click.echo("== receipt (signed by bravo, verified by alpha)")
-        click.echo(f"   transfer {transfer_id}, manifest sha256 {sent['manifest_hash']}")
+        click.echo("== receipt (signed by bravo, verified by alpha; checked again here)")
+        bravo_key = NodeKey.decode(bravo.node_key())
+        receipt = open_receipt(bytes.fromhex(sent["receipt"]), bravo_key.sign_public)
+        click.echo(f"   transfer        {receipt.transfer_id.hex()}")
+        click.echo(f"   manifest sha256 {receipt.manifest_hash.hex()}")
+        click.echo(f"   signed by       bravo, fingerprint {bravo_key.fingerprint()}, at {receipt.time}")
+        click.echo(f"   files           {len(receipt.file_sha256)} SHA-256 values")
         inbox = bravo.home / "inbox" / "alpha" / transfer_id
         failures = 0
         click.echo("== per-file SHA-256: sender / receipt / recomputed from bravo's inbox")
         by_path = {f["path"]: f for f in received["files"]}
-        for f in sent["files"]:
+        for f, in_receipt in zip(sent["files"], receipt.file_sha256):
             local = _sha256(inbox / f["path"])
-            ok = f["sha256"] == by_path[f["path"]]["sha256"] == local
+            ok = f["sha256"] == by_path[f["path"]]["sha256"] == in_receipt.hex() == local
             failures += not ok
             click.echo(f"   {'ok  ' if ok else 'FAIL'} {local[:16]}… {f['size']:>9}  {escape(f['path'])}")
         click.echo("== ledgers")
