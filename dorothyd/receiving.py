@@ -7,7 +7,9 @@ held; the files are published, the ledger record fsync'd and the state
 committed before the receipt leaves this node.
 """
 
+import bisect
 import shutil
+import sqlite3
 
 import trio
 
@@ -34,12 +36,16 @@ MAX_QUEUED_BYTES = 8 << 20
 
 
 def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:
+    """(slot, file, offset, length) of each held chunk, in slot order. Walks
+    the held slots only: an offer may declare millions of chunks."""
+    bases = manifest.chunk_bases()
     layout = []
-    for slot_base, (index, entry) in zip(manifest.chunk_bases(), enumerate(manifest.files)):
-        for chunk in range(entry.chunk_count(manifest.chunk_size)):
-            if slot_base + chunk in have:
-                length = manifest.chunk_length(index, chunk)
-                layout.append((slot_base + chunk, index, chunk * manifest.chunk_size, length))
+    for slot in sorted(have):
+        index = bisect.bisect_right(bases, slot) - 1
+        while manifest.chunk_count(index) <= slot - bases[index]:  # skip empty files sharing a base
+            index += 1
+        chunk = slot - bases[index]
+        layout.append((slot, index, chunk * manifest.chunk_size, manifest.chunk_length(index, chunk)))
     return layout
 
 
@@ -119,7 +125,8 @@ class Incoming:
         offer = await self.channel.receive()
         if not isinstance(offer, messages.Offer):
             raise RemoteProtocolError("the first message must be an offer", code="unexpected_message")
-        manifest, manifest_hash = open_manifest(offer.manifest)
+        # Off the event loop: a manifest of 100,000 names takes a while to check.
+        manifest, manifest_hash = await trio.to_thread.run_sync(open_manifest, offer.manifest)
         if manifest.sender != node_key_bytes(self.peer.node_key):
             raise RemoteProtocolError("manifest is signed by another node than the connected peer", code="bad_manifest")
         if manifest.receiver != node_key_bytes(self.node.node_key):
@@ -247,13 +254,23 @@ class Incoming:
                     if isinstance(action, Aborted):
                         return await self._on_abort(action, partial)
                     return await self._finalize(partial, machine, action)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            log.warning("transfer %s: disk full; the sender will retry", self.id)
-            store.update(self.id, iso_now(), state="waiting", error="disk full on the receiving node")
+        except (OSError, sqlite3.OperationalError) as exc:
+            # Local trouble (a full disk, an I/O error): the sender is told,
+            # first, since recording it may fail for the same reason, and
+            # retries later; what was already verified is kept.
+            full = is_disk_full(exc) if isinstance(exc, OSError) else "full" in str(exc)
+            code, reason = ("disk_full", "disk full on the receiving node") if full else (
+                "receiver_io_error", f"the receiving node could not store the data: {exc}")
+            log.warning("transfer %s: %s; the sender will retry", self.id, reason)
             with trio.CancelScope(shield=True):
-                await self._abort("disk_full", "the receiving node's disk is full", final=False)
+                try:
+                    await self._abort(code, reason, final=False)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                try:
+                    store.update(self.id, iso_now(), state="waiting", error=reason)
+                except sqlite3.OperationalError:
+                    pass
         finally:
             with trio.CancelScope(shield=True):
                 if writing is not None:
@@ -264,12 +281,15 @@ class Incoming:
                 if not running.cancelled_by_operator:
                     try:
                         await self._drain(writing if writing is not None and writing.succeeded else None, queued, partial, machine)
-                    except OSError as exc:
+                    except (OSError, sqlite3.OperationalError) as exc:
                         log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
                     await self._flush_quietly(partial, machine)
             partial.close()
-            if store.get(self.id)["state"] == "active":
-                store.update(self.id, iso_now(), state="waiting")
+            try:
+                if store.get(self.id)["state"] == "active":
+                    store.update(self.id, iso_now(), state="waiting")
+            except sqlite3.OperationalError:
+                pass  # a full disk: restart marks it waiting too
 
     async def _drain(self, writing, queued: list[WriteChunk], partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Finish the batch in flight and write what is queued."""
@@ -307,7 +327,7 @@ class Incoming:
     async def _flush_quietly(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
         try:
             await self._flush(partial, machine)
-        except OSError as exc:
+        except (OSError, sqlite3.OperationalError) as exc:
             log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
 
     async def _on_abort(self, action: Aborted, partial: PartialFiles) -> None:

@@ -229,7 +229,11 @@ async def notify_cancelled(node: Node, row, peer: Peer, channel: Channel) -> Non
 async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) -> None:
     files = node.store.files(row["id"])
     for entry, digest in zip(files, delivered.receipt.file_sha256):
-        if entry.sha256 is not None and entry.sha256 != digest:
+        if entry.sha256 is None:
+            # Every hash is saved before `done` is sent, so an honest
+            # receiver cannot hold a receipt for a file we never hashed.
+            raise RemoteProtocolError(f"receipt for {quoted(entry.path)}, which was never sent", code="bad_receipt")
+        if entry.sha256 != digest:
             raise PermanentFailure(f"receipt SHA-256 for {quoted(entry.path)} differs from the source's")
     # Recorded already if a crash came between the ledger and the state db.
     if not await node.recorded("transfer_delivered", row["id"]):

@@ -106,7 +106,13 @@ class PartialFiles:
             if self._aligned is None or len(self._aligned) < len(data):
                 self._aligned = mmap.mmap(-1, len(data))
             self._aligned[: len(data)] = data
-            _write_all(direct, memoryview(self._aligned)[: len(data)], offset)
+            view = memoryview(self._aligned)[: len(data)]
+            try:
+                written = os.pwrite(direct, view, offset)
+            finally:
+                view.release()  # else a failed write's traceback pins the mmap
+            if written < len(data):  # rare short write: finish it buffered
+                _write_all(fd, memoryview(data)[written:], offset + written)
         else:
             _write_all(fd, memoryview(data), offset)
         self._dirty.add(index)
@@ -162,7 +168,10 @@ class PartialFiles:
         while self._open:
             self._evict()
         if self._aligned is not None:
-            self._aligned.close()
+            try:
+                self._aligned.close()
+            except BufferError:
+                pass  # still exported by a traceback; garbage collection frees it
             self._aligned = None
 
     def discard(self) -> None:

@@ -42,7 +42,7 @@ class Bitmap:
         self._bits[index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
     def count(self) -> int:
-        return sum(bin(byte).count("1") for byte in self._bits)
+        return int.from_bytes(self._bits, "little").bit_count()
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
