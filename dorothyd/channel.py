@@ -29,11 +29,14 @@ class Channel:
         self.peer_static = session.peer_static
 
     async def send(self, message) -> None:
-        await self.stream.send_all(self.session.send_message(messages.encode(message)))
+        await self.send_raw(self.session.send_message(messages.encode(message)))
 
     async def send_raw(self, frame: bytes) -> None:
-        """A record already sealed by `session.send_message` (in a worker)."""
-        await self.stream.send_all(frame)
+        """A record already sealed by `session.send_message` (in a worker).
+        A peer that stops reading gets the same idle deadline as one that
+        stops sending."""
+        with trio.fail_after(self.idle_timeout):
+            await self.stream.send_all(frame)
 
     async def receive(self):
         """The next transfer message; raises ChannelClosed on a clean close."""

@@ -453,7 +453,13 @@ class Ledger:
     def _is_torn_tail(self, err: RecordError, eof: int) -> bool:
         """Could these bytes be one interrupted append? Then the bad frame is
         the last one; or, with a nonsense length, the rest is the zeros some
-        file systems leave in a block allocated before the crash."""
+        file systems leave in a block allocated before the crash. Never when
+        this node already signed a checkpoint covering more records than
+        precede the damage: those were acknowledged, so this is corruption
+        (a damaged length can make a middle record look like the last)."""
+        latest = self.latest_checkpoint()
+        if latest is not None and unverified_checkpoint(latest).size > self._next_seq:
+            return False
         if err.frame_end is not None:
             return err.frame_end >= eof
         if eof - err.offset > LENGTH_PREFIX.size + MAX_RECORD_BYTES:

@@ -18,7 +18,7 @@ from ..keys.truststore import TrustStore
 from .config import ConfigError, load_config
 from .control import run_control
 from .home import Home, resolve_home
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 from .listener import run_listener
 from .logs import log, setup
 from .node import Node, iso_now, utc_now
@@ -100,6 +100,13 @@ def main(home_path: str | None, log_format: str | None) -> None:
         node = load_node(home, log_format)
     except (StartupError, ConfigError, KeysError) as exc:
         click.echo(f"dorothyd: {exc}", err=True)
+        sys.exit(1)
+    except LedgerError as exc:
+        click.echo(
+            f"dorothyd: {home.ledger_dir / 'ledger.bin'} is damaged ({exc}); it was left as it is."
+            f" Inspect it with: dorothy ledger verify --home {home.root}",
+            err=True,
+        )
         sys.exit(1)
     tuning.apply()
     trio.run(_main, node)

@@ -32,7 +32,7 @@ FLUSH_CHUNKS = 256
 FLUSH_SECONDS = 1.0
 # Chunks queued behind a running write before the receiver stops reading:
 # the back-pressure that bounds its memory.
-MAX_QUEUED_BYTES = 8 << 20
+MAX_QUEUED_BYTES = 4 << 20
 
 
 def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:

@@ -256,4 +256,5 @@ async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) ->
     )
     node.sender_hashers.pop(row["id"], None)
     await node.keep_peer_checkpoint(peer, delivered.checkpoint)
+    await node.checkpoint()  # our own tree head too: history a crash cannot cut
     log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)

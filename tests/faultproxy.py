@@ -8,10 +8,17 @@ it prints. Also importable by bench/ for the rate-limited link.
 
 For tests that drive daemons as processes, `ProxyThread` runs the proxy in a
 background thread with its own trio loop.
+
+`plan` sets the standing faults for every later connection; `plan_each`
+queues one plan per connection (the next connection takes the first, and so
+on), after which the standing plan applies again. `history` says, for every
+connection, which plan it had, how many bytes it carried each way and which
+faults actually fired.
 """
 
 import random
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import trio
@@ -49,6 +56,18 @@ class Direction:
     passed: int = 0  # bytes forwarded over all connections
 
 
+@dataclass
+class Connection:
+    """What one proxied connection was planned to suffer and what it did."""
+
+    number: int  # 1 for the first connection
+    up: Faults
+    down: Faults
+    passed: dict = field(default_factory=lambda: {"up": 0, "down": 0})
+    fired: list = field(default_factory=list)  # e.g. ["up cut", "down flip"], in the order they happened
+    closed: bool = False
+
+
 class FaultProxy:
     def __init__(self, target: tuple[str, int], host: str = "127.0.0.1"):
         self.target = target
@@ -57,11 +76,18 @@ class FaultProxy:
         self.down = Direction()
         self.connections = 0
         self.port: int | None = None
+        self.queued: deque[tuple[Faults, Faults]] = deque()
+        self.history: list[Connection] = []
 
     def plan(self, up: Faults | None = None, down: Faults | None = None) -> None:
         """Faults for connections opened from now on (offsets count from each connection's start)."""
         self.up.faults = up or Faults()
         self.down.faults = down or Faults()
+
+    def plan_each(self, plans: list[tuple[Faults | None, Faults | None]]) -> None:
+        """One (up, down) plan for each of the next len(plans) connections, in
+        order; connections after them get the standing plan again."""
+        self.queued.extend((up or Faults(), down or Faults()) for up, down in plans)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=self.host)
@@ -71,20 +97,29 @@ class FaultProxy:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         self.connections += 1
-        up, down = self.up.faults, self.down.faults
+        up, down = self.queued.popleft() if self.queued else (self.up.faults, self.down.faults)
+        record = Connection(self.connections, up, down)
+        self.history.append(record)
         try:
-            server = await trio.open_tcp_stream(*self.target)
-        except OSError:
-            await client.aclose()
-            return
-        async with client, server:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, client, server, up, self.up, nursery.cancel_scope)
-                nursery.start_soon(self._pump, server, client, down, self.down, nursery.cancel_scope)
+            try:
+                server = await trio.open_tcp_stream(*self.target)
+            except OSError:
+                await client.aclose()
+                return
+            async with client, server:
+                async with trio.open_nursery() as nursery:
+                    scope = nursery.cancel_scope
+                    nursery.start_soon(self._pump, client, server, up, self.up, scope, record, "up")
+                    nursery.start_soon(self._pump, server, client, down, self.down, scope, record, "down")
+        finally:
+            record.closed = True
 
-    async def _pump(self, source, sink, faults: Faults, counter: Direction, scope: trio.CancelScope) -> None:
+    async def _pump(
+        self, source, sink, faults: Faults, counter: Direction, scope: trio.CancelScope, record: Connection | None = None, name: str = ""
+    ) -> None:
         offset = 0
         next_time = trio.current_time()
+        fired = record.fired if record is not None else []
         try:
             while True:
                 data = await source.receive_some(BLOCK)
@@ -93,15 +128,18 @@ class FaultProxy:
                     return
                 end = offset + len(data)
                 if faults.cut_at is not None and end > faults.cut_at:
+                    fired.append(f"{name} cut")
                     await sink.send_all(data[: max(0, faults.cut_at - offset)])
                     scope.cancel()
                     return
                 if faults.stall_at is not None and end > faults.stall_at:
+                    fired.append(f"{name} stall")
                     await sink.send_all(data[: max(0, faults.stall_at - offset)])
                     await trio.sleep_forever()
                 block = bytearray(data)
                 for at in faults.flip_at:
                     if offset <= at < end:
+                        fired.append(f"{name} flip")
                         block[at - offset] ^= 0x01
                 if faults.delay:
                     await trio.sleep_until(trio.current_time() + faults.delay)
@@ -110,9 +148,12 @@ class FaultProxy:
                     await trio.sleep_until(next_time)
                 await sink.send_all(block)
                 if any(offset <= at < end for at in faults.duplicate_at):
+                    fired.append(f"{name} duplicate")
                     await sink.send_all(block)
                 offset = end
                 counter.passed += len(data)
+                if record is not None:
+                    record.passed[name] += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             scope.cancel()
 
