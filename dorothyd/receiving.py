@@ -68,6 +68,7 @@ class InFlight:
         self.actions = actions
         self._done = trio.Event()
         self._outcome = None
+        self._taken = False
         token = trio.lowlevel.current_trio_token()
 
         def deliver(outcome) -> None:
@@ -84,11 +85,13 @@ class InFlight:
         return self._done.is_set()
 
     @property
-    def succeeded(self) -> bool:
-        return self._outcome is not None and not hasattr(self._outcome, "error")
+    def unaccounted(self) -> bool:
+        """Finished successfully, and its result not yet taken."""
+        return not self._taken and self._outcome is not None and not hasattr(self._outcome, "error")
 
     async def result(self):
         await self._done.wait()
+        self._taken = True
         return self._outcome.unwrap()
 
 
@@ -280,7 +283,7 @@ class Incoming:
                 # crash still can).
                 if not running.cancelled_by_operator:
                     try:
-                        await self._drain(writing if writing is not None and writing.succeeded else None, queued, partial, machine)
+                        await self._drain(writing if writing is not None and writing.unaccounted else None, queued, partial, machine)
                     except (OSError, sqlite3.OperationalError) as exc:
                         log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
                     await self._flush_quietly(partial, machine)

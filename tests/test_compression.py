@@ -127,13 +127,13 @@ def test_a_full_size_chunk_round_trips():
 def test_output_shorter_than_expected_is_refused():
     _, payload = compress_if_smaller(TEXT)
     error = refused(payload, len(TEXT) + 1)
-    assert f"decompresses to {len(TEXT)} bytes, expected {len(TEXT) + 1}" in str(error)
+    assert f"declares {len(TEXT)} bytes, expected {len(TEXT) + 1}" in str(error)
 
 
 def test_output_longer_than_expected_is_refused():
     _, payload = compress_if_smaller(TEXT)
     error = refused(payload, len(TEXT) - 1)
-    assert f"more than {len(TEXT) - 1}" in str(error)
+    assert f"declares {len(TEXT)} bytes, expected {len(TEXT) - 1}" in str(error)
 
 
 def test_two_frames_back_to_back_are_refused():
@@ -189,7 +189,7 @@ def test_a_frame_needing_a_window_above_the_limit_is_refused():
     streaming = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown: full window
     frame = streaming.compress(data) + streaming.flush()
     assert zstandard.get_frame_parameters(frame).window_size > MAX_WINDOW
-    assert "too much memory" in str(refused(frame, len(data)))
+    assert "byte window" in str(refused(frame, len(data)))
 
 
 def two_block_frame(first: bytes, second: bytes, *, checksum: bool = False) -> bytes:
@@ -235,7 +235,7 @@ def test_a_zstd_bomb_is_refused_within_one_chunk_of_memory(bomb):
 def test_a_bomb_is_refused_at_every_legal_chunk_size(bomb):
     for expected in (1 << 16, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE):
         error = refused(bomb, expected)
-        assert f"more than {expected}" in str(error)
+        assert f"expected {expected}" in str(error)
 
 
 @pytest.mark.parametrize("single_segment", [True, False])
