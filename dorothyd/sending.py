@@ -125,9 +125,11 @@ class Outgoing:
         needed = {i for i in range(manifest.chunk_count(index)) if self.machine.needs(index, i)}
         if not needed and row.sha256 is not None:
             return None
-        hasher = self.hashers.get(index)
-        if hasher is None or (needed and min(needed) * manifest.chunk_size < hasher.offset):
-            hasher = self.hashers[index] = FileHasher()
+        # A chunk lost in flight lies below what was already hashed: it is
+        # read again and sent, but not hashed again (FileHasher ignores it).
+        # Had the source changed since, the receiver's SHA-256 would differ
+        # from ours and the transfer would fail loudly.
+        hasher = self.hashers.setdefault(index, FileHasher())
         return hasher, needed
 
     async def _file_done(self, out, index: int, row, digest: bytes) -> None:
