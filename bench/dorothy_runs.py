@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from dorothy.cli.client import ClientError, call
-from dorothy.cli.localnodes import LocalNode, pair
+from dorothy.cli.localnodes import LocalNode, pair, poll
 
 from .data import tree_size
 from .link import Faults, FaultProxy, Link, ProxyThread, link_faults
@@ -174,17 +174,6 @@ def _durable_bytes(node: LocalNode, transfer_id: str) -> int | None:
         return None
 
 
-def _wait_for(predicate, deadline: float, what: str, interval: float = STATUS_POLL):
-    end = time.perf_counter() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.perf_counter() > end:
-            raise TimeoutError(f"{what} not reached within {deadline:.0f}s")
-        time.sleep(interval)
-
-
 def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) -> dict:
     """SIGKILL bravo once half the file is durable there, start it again,
     and time what the restart costs: bravo re-reads every held chunk (CRC
@@ -196,9 +185,9 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
             nodes.route_via(proxy.port)
             started = time.perf_counter()
             transfer_id = json.loads(nodes.alpha.run("send", "bravo", path, "--json").stdout)["id"]
-            _wait_for(
+            poll(
                 lambda: (t := nodes.transfer(nodes.bravo, transfer_id)) and t["bytes_done"] >= size // 2,
-                deadline, "half the file durable at the receiver",
+                deadline, "half the file durable at the receiver", interval=STATUS_POLL,
             )
             alpha_pid = nodes.alpha.process.pid
             killed_at = time.perf_counter()

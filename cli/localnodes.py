@@ -16,6 +16,20 @@ from pathlib import Path
 START_DEADLINE = 20.0
 
 
+def poll(predicate, deadline: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """The predicate's first true value, checked every `interval` seconds;
+    TimeoutError naming `what` after `deadline`. Only for process
+    boundaries, where there is nothing else to wait on."""
+    end = time.monotonic() + deadline
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what} not reached within {deadline:.0f}s")
+        time.sleep(interval)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

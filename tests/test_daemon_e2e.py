@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dorothy.cli.localnodes import LocalNode, dorothy, pair
+from dorothy.cli.localnodes import LocalNode, dorothy, pair, poll
 
 from faultproxy import Faults, FaultProxy, ProxyThread
 
@@ -27,17 +27,6 @@ def nodes(tmp_path):
     yield alpha, bravo
     for node in (alpha, bravo):
         node.stop()
-
-
-def poll(predicate, deadline: float = 60.0, what: str = "condition"):
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise TimeoutError(f"{what} not reached within {deadline}s")
-        time.sleep(0.05)
 
 
 def incoming(node: LocalNode, transfer_id: str) -> dict | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from dorothy.cli.client import ClientError, call
-from dorothy.cli.localnodes import LocalNode, dorothy, pair
+from dorothy.cli.localnodes import LocalNode, dorothy, pair, poll
 from dorothy.protocol.compression import compress_if_smaller
 
 from faultproxy import Faults, FaultProxy, ProxyThread
@@ -79,19 +79,6 @@ def seed_params(fixed: list[int]) -> list:
         + [pytest.param(s, id=f"soak{s}") for s in soak]
         + [pytest.param(s, id=f"replay{s}") for s in replay]
     )
-
-
-def poll(predicate, deadline: float, what: str):
-    """The predicate's first true value, checked every 50 ms; AssertionError
-    naming `what` after `deadline` seconds. Only for process boundaries."""
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not reached within {deadline:.0f}s")
-        time.sleep(0.05)
 
 
 def transfer(node: LocalNode, transfer_id: str) -> dict | None:
