@@ -65,7 +65,7 @@ def _wait(root, transfer_id: str) -> dict:
     bar = sys.stderr.isatty()
     started, first_done = time.monotonic(), None
     while True:
-        t = call(root, {"op": "status", "id": transfer_id})["transfer"]
+        t = call(root, {"op": "status", "id": transfer_id, "files": False})["transfer"]
         if bar:
             if first_done is None:
                 first_done = t["bytes_done"]

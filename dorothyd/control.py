@@ -118,7 +118,7 @@ async def _dispatch(node: Node, request: dict) -> dict:
             raise RequestError("'peer' must be a string")
         return {"id": await queue_transfer(node, peer, _string_list(request, "paths"))}
     if op == "status" and request.get("id") is not None:
-        return {"transfer": describe(node, find(node, _id(request)))}
+        return {"transfer": describe(node, find(node, _id(request)), with_files=request.get("files", True) is not False)}
     if op == "status":
         return {"transfers": [describe(node, row) for row in node.store.all_transfers()]}
     if op == "cancel":

@@ -62,7 +62,9 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
 
 
 
-def describe(node: Node, row) -> dict:
+def describe(node: Node, row, *, with_files: bool = True) -> dict:
+    """A transfer as `dorothy status --json` shows it. Without files for
+    frequent progress polls: a folder can list 100,000 of them."""
     running = node.running.get(row["id"])
     bytes_done = row["bytes_done"]
     if running is not None and row["state"] not in FINAL_STATES:
@@ -77,7 +79,9 @@ def describe(node: Node, row) -> dict:
         "files": [
             {"path": f.path, "size": f.size, "sha256": f.sha256.hex() if f.sha256 else None}
             for f in node.store.files(row["id"])
-        ],
+        ]
+        if with_files
+        else None,
         "error": row["error"],
         "created": row["created"],
         "updated": row["updated"],
