@@ -7,8 +7,8 @@ header declares, so a 24-byte frame claiming 2 GiB makes it try to allocate
 length (Dorothy always writes the content size) and a window of at most
 4 MiB. Only then is the frame decompressed in one shot, which allocates that
 length once, verifies the content size, and fails on a truncated frame.
-(A bounded streaming reader is safe too, but measured 24 times slower:
-378 against 9,070 MiB/s on log-like text.)
+(A bounded streaming reader is safe too, but measured 378 against 10,055
+MiB/s for this on log-like text.)
 """
 
 import zstandard
@@ -46,11 +46,10 @@ def decompress_exact(data: bytes, expected: int) -> bytes:
         raise RemoteProtocolError(f"compressed chunk declares {declared}, expected {expected}", code="bad_chunk")
     decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
     try:
-        out = decompressor.decompress(data)
-        rest = decompressor.decompressobj(read_across_frames=False)
-        rest.decompress(data)  # bounded: the frame just proved to hold `expected` bytes
+        # One pass: fails on a truncated frame, and on anything after it.
+        out = decompressor.decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise RemoteProtocolError(f"chunk does not decompress: {exc}", code="bad_chunk") from None
-    if len(out) != expected or not rest.eof or rest.unused_data:
-        raise RemoteProtocolError("chunk is not exactly one complete zstd frame", code="bad_chunk")
+        raise RemoteProtocolError(f"chunk is not exactly one complete zstd frame: {exc}", code="bad_chunk") from None
+    if len(out) != expected:
+        raise RemoteProtocolError(f"chunk decompresses to {len(out)} bytes, expected {expected}", code="bad_chunk")
     return out
