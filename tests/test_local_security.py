@@ -14,6 +14,7 @@ escaped, and the JSON outputs carry them exactly.
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -22,13 +23,12 @@ import subprocess
 import sys
 import tempfile
 import types
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from dorothy.cli.localnodes import CLI_DEADLINE, START_DEADLINE, LocalNode, pair
+from dorothy.cli.localnodes import CLI_DEADLINE, START_DEADLINE, LocalNode, pair, poll
 from dorothy.cli.main import main
 from dorothy.keys.identity import NodeIdentity
 from dorothy.protocol.paths import escape
@@ -379,11 +379,11 @@ def daemon_as_nobody(other, open_dir):
     with open(log_path, "ab") as log:
         process = other.popen("-m", "dorothy.dorothyd", "--home", home, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + START_DEADLINE
-        while other.dorothy("status", "--json", "--home", home).returncode != 0:
+        def started():
             assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "dorothyd did not start"
-            time.sleep(0.05)
+            return other.dorothy("status", "--json", "--home", home).returncode == 0
+
+        poll(started, START_DEADLINE, "dorothyd as nobody listening")
         if AS_ROOT:
             assert owner(home / "control.sock") == NOBODY and mode(home / "control.sock") == 0o600
         yield home
@@ -442,7 +442,9 @@ class SlowSocket(socket.socket):
 
     def connect(self, address):
         super().connect(address)
-        time.sleep(0.3)
+        # Give the daemon its chance to answer (or close) before any request:
+        # wait for the socket to turn readable, for at most 0.3 s.
+        select.select([self], [], [], 0.3)
 
 
 def test_a_refused_client_is_told_permission_denied(daemon_as_nobody, monkeypatch):
