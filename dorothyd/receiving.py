@@ -21,7 +21,6 @@ from ..protocol.paths import quoted
 from ..protocol.receipt import ReceiptBody, sign_receipt
 from ..protocol.transfer import Aborted, Bitmap, Finalize, ReceiverMachine, WriteChunk
 from .channel import Channel
-from .inflight import InFlight
 from .logs import log
 from .node import Node, Running, iso_now, node_key_bytes
 from .storage import PartialFiles, hash_published, is_disk_full
@@ -59,6 +58,41 @@ PERMANENT_CODES = frozenset(
         "incomplete", "malformed", "unknown_message", "too_large", "bad_signature",
     }
 )
+
+
+class InFlight:
+    """A batch of writes running in a worker thread while the event loop
+    goes on; `result()` waits for it. At most one per transfer at a time."""
+
+    def __init__(self, actions: list[WriteChunk], fn, *args):
+        self.actions = actions
+        self._done = trio.Event()
+        self._outcome = None
+        self._taken = False
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(outcome) -> None:
+            self._outcome = outcome
+            token.run_sync_soon(self._done.set)
+
+        trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver)
+
+    async def settle(self) -> None:
+        await self._done.wait()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def unaccounted(self) -> bool:
+        """Finished successfully, and its result not yet taken."""
+        return not self._taken and self._outcome is not None and not hasattr(self._outcome, "error")
+
+    async def result(self):
+        await self._done.wait()
+        self._taken = True
+        return self._outcome.unwrap()
 
 
 class Incoming:
@@ -217,7 +251,7 @@ class Incoming:
                         await self._written(writing, partial, machine)
                         writing = None
                     if writing is None:
-                        writing, queued = InFlight(partial.write_batch, queued, tag=queued), []
+                        writing, queued = InFlight(queued, partial.write_batch, queued), []
                 elif isinstance(action, (Aborted, Finalize)):
                     writing, queued = await self._drain(writing, queued, partial, machine), []
                     if isinstance(action, Aborted):
@@ -265,12 +299,12 @@ class Incoming:
         if writing is not None:
             await self._written(writing, partial, machine)
         if queued:
-            await self._written(InFlight(partial.write_batch, queued, tag=queued), partial, machine)
+            await self._written(InFlight(queued, partial.write_batch, queued), partial, machine)
 
     async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Account for a finished batch of writes; flush when enough is pending."""
         crcs = await writing.result()
-        for action, crc in zip(writing.tag, crcs):
+        for action, crc in zip(writing.actions, crcs):
             if not self._pending:
                 self._pending_since = trio.current_time()
             self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))

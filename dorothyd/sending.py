@@ -9,8 +9,6 @@ most WINDOW sealed records, which is what bounds memory, whatever the size
 of the files.
 """
 
-import collections
-
 import trio
 
 from ..keys.truststore import Peer
@@ -22,7 +20,6 @@ from ..protocol.paths import quoted
 from ..protocol.transfer import Aborted, Bitmap, Delivered, SenderMachine
 from .channel import Channel
 from .hashing import FileHasher
-from .inflight import InFlight
 from .logs import log
 from .node import Node, Running, iso_now
 from .sources import SourceReader
@@ -35,9 +32,6 @@ SHA_BATCH = 256  # file hashes saved per state-db transaction
 # Files of at most one chunk read per worker-thread hop: at most 64 MiB of
 # sealed records (64 chunks), and the channel's window still bounds the rest.
 SMALL_BATCH = 64
-# Chunks compressed at once for one transfer: two keep both cores busy on
-# compressible data (zstd level 1 runs ~336 MiB/s on one core here).
-COMPRESSING = 2
 
 
 class PermanentFailure(Exception):
@@ -175,41 +169,18 @@ class Outgoing:
         return sealed
 
     async def _chunked_file(self, out, index: int, row, hasher: FileHasher, needed: set[int]) -> None:
-        """Read and hash in order, compress up to COMPRESSING chunks at once in
-        worker threads (zstd is the slowest step on text), seal in order."""
         manifest = self.manifest
         reader = await trio.to_thread.run_sync(SourceReader, row.source, row.size, row.mtime_ns, quoted(row.path))
-        compressing: collections.deque[InFlight] = collections.deque()
         try:
             for chunk in range(manifest.chunk_count(index)):
                 if chunk * manifest.chunk_size < hasher.offset and chunk not in needed:
                     continue  # hashed on an earlier connection, and the receiver holds it
-                data = await trio.to_thread.run_sync(self._read, reader, hasher, index, chunk)
-                if chunk in needed:
-                    if len(compressing) >= COMPRESSING:
-                        await self._seal_and_emit(out, index, compressing.popleft())
-                    compressing.append(InFlight(compress_if_smaller, data, tag=(chunk, len(data))))
-            while compressing:
-                await self._seal_and_emit(out, index, compressing.popleft())
+                frame = await trio.to_thread.run_sync(self._prepare, reader, hasher, index, chunk, chunk in needed)
+                if frame is not None:
+                    await self._emit(out, frame, manifest.chunk_length(index, chunk))
             await trio.to_thread.run_sync(reader.check)
         finally:
-            for job in compressing:
-                with trio.CancelScope(shield=True):
-                    await job.settle()
             reader.close()
-
-    async def _seal_and_emit(self, out, index: int, job: InFlight) -> None:
-        compressed, payload = await job.result()
-        chunk, length = job.tag
-        frame = self._seal(messages.Chunk(file=index, index=chunk, compressed=compressed, data=payload))
-        await self._emit(out, frame, length)
-
-    def _read(self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int) -> bytes:
-        """Worker thread: read and hash one chunk."""
-        offset = chunk * self.manifest.chunk_size
-        data = reader.read(offset, self.manifest.chunk_length(index, chunk))
-        hasher.feed(offset, data)
-        return data
 
     async def _emit(self, out, frame: bytes, length: int) -> None:
         await out.send(frame)
@@ -220,7 +191,9 @@ class Outgoing:
 
     def _prepare(self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool) -> bytes | None:
         """Worker thread: read, hash, and (if the receiver lacks it) compress and seal one chunk."""
-        data = self._read(reader, hasher, index, chunk)
+        offset = chunk * self.manifest.chunk_size
+        data = reader.read(offset, self.manifest.chunk_length(index, chunk))
+        hasher.feed(offset, data)
         if not needed:
             return None
         compressed, payload = compress_if_smaller(data)
