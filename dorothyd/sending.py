@@ -72,13 +72,7 @@ class Outgoing:
         return result
 
     async def _send_all(self, have: Bitmap) -> None:
-        held = sum(
-            self.manifest.chunk_length(f, i)
-            for f, base in enumerate(self.manifest.chunk_bases())
-            for i in range(self.manifest.chunk_count(f))
-            if base + i in have
-        )
-        self.running.bytes_done = held
+        self.running.bytes_done = _held_bytes(self.manifest, have)
         send_side, receive_side = trio.open_memory_channel(WINDOW)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._produce, send_side)
@@ -198,6 +192,18 @@ class Outgoing:
             return None
         compressed, payload = compress_if_smaller(data)
         return self._seal(messages.Chunk(file=index, index=chunk, compressed=compressed, data=payload))
+
+
+def _held_bytes(manifest, have: Bitmap) -> int:
+    """Bytes the receiver already holds: whole chunks, less the shortfall of
+    each file's held last chunk. Per file, not per chunk, since this runs on
+    the event loop and an offer may have millions of chunks."""
+    held = have.count() * manifest.chunk_size
+    for index, base in enumerate(manifest.chunk_bases()):
+        count = manifest.chunk_count(index)
+        if count and base + count - 1 in have:
+            held -= manifest.chunk_size - manifest.chunk_length(index, count - 1)
+    return held
 
 
 async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channel) -> None:
