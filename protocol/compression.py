@@ -20,13 +20,35 @@ from .errors import RemoteProtocolError
 LEVEL = 1
 # A chunk is at most 4 MiB, so no legitimate frame needs a larger window.
 MAX_WINDOW = 1 << 22
+# Incompressible chunks (encrypted containers, media, compressed archives:
+# much of a seized disk) are recognised from a sample: SAMPLES pieces of
+# SAMPLE_PIECE bytes spread over the chunk. Only if the sample shrinks by at
+# least 1/SAMPLE_MIN_SAVING is the whole chunk compressed. On 1 MiB of random
+# data the sample costs 0.02 ms against 0.23 ms for a full attempt.
+SAMPLES = 16
+SAMPLE_PIECE = 4096
+SAMPLE_MIN_SAVING = 32
 
 
-def compress_if_smaller(data: bytes) -> tuple[bool, bytes]:
+def _compressor() -> zstandard.ZstdCompressor:
     # A compressor per call: zstandard's compressors are not thread-safe,
     # senders compress in worker threads, and creating one costs nothing
     # measurable (0.169 against 0.163 ms per MiB reused).
-    compressed = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(data)
+    return zstandard.ZstdCompressor(level=LEVEL, write_content_size=True)
+
+
+def _sample_compresses(data: bytes) -> bool:
+    view = memoryview(data)
+    stride = len(data) // SAMPLES
+    sample = b"".join(view[i * stride : i * stride + SAMPLE_PIECE] for i in range(SAMPLES))
+    saved = len(sample) - len(_compressor().compress(sample))
+    return saved * SAMPLE_MIN_SAVING >= len(sample)
+
+
+def compress_if_smaller(data: bytes) -> tuple[bool, bytes]:
+    if len(data) >= 2 * SAMPLES * SAMPLE_PIECE and not _sample_compresses(data):
+        return False, data
+    compressed = _compressor().compress(data)
     if len(compressed) < len(data):
         return True, compressed
     return False, data
