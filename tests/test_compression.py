@@ -94,6 +94,26 @@ def test_text_is_compressed_and_round_trips():
     assert decompress_exact(payload, len(TEXT)) == TEXT
 
 
+@pytest.mark.parametrize("layout", ["text then random", "random then text", "interleaved 64 KiB"])
+def test_a_chunk_with_compressible_parts_anywhere_is_compressed(layout):
+    # The sample spans the whole chunk, so compressible data is found
+    # wherever it lies, not only at the start.
+    half = DEFAULT_CHUNK_SIZE // 2
+    text = (TEXT * (DEFAULT_CHUNK_SIZE // len(TEXT) + 1))[:half]
+    noise = random_bytes(half)
+    if layout == "text then random":
+        data = text + noise
+    elif layout == "random then text":
+        data = noise + text
+    else:
+        piece = 64 << 10
+        data = b"".join(text[i : i + piece] + noise[i : i + piece] for i in range(0, half, piece))
+    compressed, payload = compress_if_smaller(data)
+    assert compressed
+    assert len(payload) < len(data) * 3 // 4
+    assert decompress_exact(payload, len(data)) == data
+
+
 def test_the_empty_chunk_is_not_compressed():
     assert compress_if_smaller(b"") == (False, b"")
 
