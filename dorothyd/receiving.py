@@ -228,30 +228,30 @@ class Incoming:
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
-        # One chunk's write (copy, pwrite, SHA-256, CRC) runs in a worker
-        # thread while the event loop receives and decrypts the next one.
-        # Chunks are written (copy, pwrite, SHA-256, CRC) in a worker thread
+        # Chunks are written (copy, pwrite, SHA-256, CRC) in worker threads
         # while the event loop receives and decrypts the next ones; those
         # that arrive meanwhile are written together in the next hop, so a
         # folder of small files does not pay a thread hop per file.
         writing: InFlight | None = None
         queued: list[WriteChunk] = []
+        queued_bytes = 0
         try:
             await trio.to_thread.run_sync(partial.create_empty)
             await self.channel.send(machine.accept())
             while True:
                 message = await self.channel.receive()
                 if isinstance(message, messages.Done):
-                    writing, queued = await self._drain(writing, queued, partial, machine), []
+                    writing, queued, queued_bytes = await self._drain(writing, queued, partial, machine), [], 0
                     await self._flush(partial, machine)
                 action = machine.receive(message)
                 if isinstance(action, WriteChunk):
                     queued.append(action)
-                    if writing is not None and (writing.finished or sum(len(a.data) for a in queued) > MAX_QUEUED_BYTES):
+                    queued_bytes += len(action.data)
+                    if writing is not None and (writing.finished or queued_bytes > MAX_QUEUED_BYTES):
                         await self._written(writing, partial, machine)
                         writing = None
                     if writing is None:
-                        writing, queued = InFlight(queued, partial.write_batch, queued), []
+                        writing, queued, queued_bytes = InFlight(queued, partial.write_batch, queued), [], 0
                 elif isinstance(action, (Aborted, Finalize)):
                     writing, queued = await self._drain(writing, queued, partial, machine), []
                     if isinstance(action, Aborted):

@@ -29,9 +29,14 @@ from .sources import SourceReader
 WINDOW = 4
 PROGRESS_EVERY = 64  # chunks between progress commits to the state db
 SHA_BATCH = 256  # file hashes saved per state-db transaction
-# Files of at most one chunk read per worker-thread hop: at most 64 MiB of
-# sealed records (64 chunks), and the channel's window still bounds the rest.
+# Files of at most one chunk are read, hashed and sealed in batches, one
+# worker-thread hop per batch of at most SMALL_BATCH files or
+# SMALL_BATCH_BYTES of content (what bounds the batch's memory).
 SMALL_BATCH = 64
+SMALL_BATCH_BYTES = 4 << 20
+# A batch's records go to the socket in units of about this size: one send,
+# and one idle-deadline scope, per unit instead of two per file.
+SEND_UNIT = 1 << 20
 
 
 class PermanentFailure(Exception):
@@ -90,6 +95,7 @@ class Outgoing:
             # only that re-read.
             self._fresh: dict[int, bytes] = {}
             small: list[tuple[int, object, FileHasher, bool]] = []
+            small_bytes = 0
             for index, row in enumerate(self.node.store.files(self.id)):
                 plan = self._plan(index, row)
                 if plan is None:  # held by the receiver, hash known
@@ -100,12 +106,13 @@ class Outgoing:
                     # Files of at most one chunk travel in batches: one
                     # thread hop for many (most of a phone extraction).
                     small.append((index, row, hasher, 0 in needed))
-                    if len(small) >= SMALL_BATCH:
+                    small_bytes += row.size
+                    if len(small) >= SMALL_BATCH or small_bytes >= SMALL_BATCH_BYTES:
                         await self._small_files(out, small)
-                        small = []
+                        small, small_bytes = [], 0
                     continue
                 await self._small_files(out, small)
-                small = []
+                small, small_bytes = [], 0
                 await self._chunked_file(out, index, row, hasher, needed)
                 await self._file_done(out, index, row, hasher.digest())
             await self._small_files(out, small)
@@ -140,31 +147,43 @@ class Outgoing:
                 self._fresh = {}
 
     async def _small_files(self, out, batch: list) -> None:
-        sealed = await trio.to_thread.run_sync(self._whole_files, batch) if batch else []
-        for (index, row, hasher, _), (chunk, done) in zip(batch, sealed):
+        if not batch:
+            return
+        units = await trio.to_thread.run_sync(self._whole_files, batch)
+        for index, row, hasher, _ in batch:
             self._remember(index, row, hasher.digest())
-            if chunk is not None:
-                await self._emit(out, chunk, row.size)
-            await out.send(done)
+        for unit in units:
+            await out.send(unit)
+        sent = [row.size for _, row, _, needed in batch if needed and row.size]
+        self._count(sum(sent), len(sent))
 
-    def _whole_files(self, batch: list) -> list[tuple[bytes | None, bytes]]:
+    def _whole_files(self, batch: list) -> list[bytes]:
         """Worker thread: files of at most one chunk, each opened, read,
-        re-checked, and its chunk and file_done records sealed (in wire
-        order: record nonces must follow the order records are sent)."""
-        sealed = []
+        re-checked, and its chunk and file_done records sealed in wire order
+        (record nonces must follow the order records are sent), joined into
+        units of about SEND_UNIT bytes."""
+        units, unit, unit_bytes = [], [], 0
         for index, row, hasher, needed in batch:
-            reader = SourceReader(row.source, row.size, row.mtime_ns, quoted(row.path))
+            reader = SourceReader(row.source, row.size, row.mtime_ns, row.path)
             try:
                 chunk = self._prepare(reader, hasher, index, 0, needed) if row.size else None
                 reader.check()
             finally:
                 reader.close()
-            sealed.append((chunk, self._seal(messages.FileDone(file=index, sha256=hasher.digest()))))
-        return sealed
+            done = self._seal(messages.FileDone(file=index, sha256=hasher.digest()))
+            for frame in (chunk, done) if chunk is not None else (done,):
+                unit.append(frame)
+                unit_bytes += len(frame)
+            if unit_bytes >= SEND_UNIT:
+                units.append(b"".join(unit))
+                unit, unit_bytes = [], 0
+        if unit:
+            units.append(b"".join(unit))
+        return units
 
     async def _chunked_file(self, out, index: int, row, hasher: FileHasher, needed: set[int]) -> None:
         manifest = self.manifest
-        reader = await trio.to_thread.run_sync(SourceReader, row.source, row.size, row.mtime_ns, quoted(row.path))
+        reader = await trio.to_thread.run_sync(SourceReader, row.source, row.size, row.mtime_ns, row.path)
         try:
             for chunk in range(manifest.chunk_count(index)):
                 if chunk * manifest.chunk_size < hasher.offset and chunk not in needed:
@@ -178,9 +197,13 @@ class Outgoing:
 
     async def _emit(self, out, frame: bytes, length: int) -> None:
         await out.send(frame)
+        self._count(length, 1)
+
+    def _count(self, length: int, chunks: int) -> None:
+        """Progress: `chunks` more chunks of `length` bytes in all are sent."""
         self.running.bytes_done += length
-        self._sent += 1
-        if self._sent % PROGRESS_EVERY == 0:
+        before, self._sent = self._sent, self._sent + chunks
+        if before // PROGRESS_EVERY != self._sent // PROGRESS_EVERY:
             self.node.store.update(self.id, iso_now(), bytes_done=self.running.bytes_done)
 
     def _prepare(self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool) -> bytes | None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from ..protocol.errors import ProtocolError
 from ..protocol.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, validate_manifest
+from ..protocol.paths import quoted
 
 # msgpack array header, the signature and their length prefixes
 MANIFEST_ENVELOPE_OVERHEAD = 128
-from ..protocol.paths import quoted
 
 
 class SourceError(Exception):
@@ -117,24 +117,24 @@ class SourceReader:
     """Reads one queued file, checking it is still what was queued (blocking
     calls: run them in a worker thread)."""
 
-    def __init__(self, source: bytes, size: int, mtime_ns: int, shown: str):
+    def __init__(self, source: bytes, size: int, mtime_ns: int, path: str):
         self._expected = (size, mtime_ns)
-        self._shown = shown
+        self._path = path  # as the manifest names it; quoted only in an error
         try:
             self.fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise SourceChanged(f"{shown}: cannot open: {exc.strerror}") from None
+            raise SourceChanged(f"{quoted(path)}: cannot open: {exc.strerror}") from None
         self.check()
 
     def check(self) -> None:
         st = os.fstat(self.fd)
         if (st.st_size, st.st_mtime_ns) != self._expected:
-            raise SourceChanged(f"{self._shown} changed after it was queued (size or modification time differ)")
+            raise SourceChanged(f"{quoted(self._path)} changed after it was queued (size or modification time differ)")
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
-            raise SourceChanged(f"{self._shown} became shorter while it was being sent")
+            raise SourceChanged(f"{quoted(self._path)} became shorter while it was being sent")
         return data
 
     def close(self) -> None:
