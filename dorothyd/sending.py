@@ -101,11 +101,11 @@ class Outgoing:
                 if plan is None:  # held by the receiver, hash known
                     await self._file_done(out, index, row, row.sha256)
                     continue
-                hasher, needed = plan
+                hasher = plan
                 if self.manifest.chunk_count(index) <= 1 and hasher.offset == 0:
                     # Files of at most one chunk travel in batches: one
                     # thread hop for many (most of a phone extraction).
-                    small.append((index, row, hasher, 0 in needed))
+                    small.append((index, row, hasher, self.machine.needs(index, 0)))
                     small_bytes += row.size
                     if len(small) >= SMALL_BATCH or small_bytes >= SMALL_BATCH_BYTES:
                         await self._small_files(out, small)
@@ -113,25 +113,21 @@ class Outgoing:
                     continue
                 await self._small_files(out, small)
                 small, small_bytes = [], 0
-                await self._chunked_file(out, index, row, hasher, needed)
+                await self._chunked_file(out, index, row, hasher)
                 await self._file_done(out, index, row, hasher.digest())
             await self._small_files(out, small)
             self.node.store.set_file_sha256(self.id, self._fresh)
             await out.send(self._seal(self.machine.done()))
 
-    def _plan(self, index: int, row) -> tuple[FileHasher, set[int]] | None:
-        """The hasher to continue and the chunks the receiver lacks, or None
-        when there is nothing to read."""
-        manifest = self.manifest
-        needed = {i for i in range(manifest.chunk_count(index)) if self.machine.needs(index, i)}
-        if not needed and row.sha256 is not None:
+    def _plan(self, index: int, row) -> FileHasher | None:
+        """The hasher to continue, or None when there is nothing to read."""
+        if not self.machine.missing(index) and row.sha256 is not None:
             return None
         # A chunk lost in flight lies below what was already hashed: it is
         # read again and sent, but not hashed again (FileHasher ignores it).
         # Had the source changed since, the receiver's SHA-256 would differ
         # from ours and the transfer would fail loudly.
-        hasher = self.hashers.setdefault(index, FileHasher())
-        return hasher, needed
+        return self.hashers.setdefault(index, FileHasher())
 
     async def _file_done(self, out, index: int, row, digest: bytes) -> None:
         self._remember(index, row, digest)
@@ -181,14 +177,15 @@ class Outgoing:
             units.append(b"".join(unit))
         return units
 
-    async def _chunked_file(self, out, index: int, row, hasher: FileHasher, needed: set[int]) -> None:
+    async def _chunked_file(self, out, index: int, row, hasher: FileHasher) -> None:
         manifest = self.manifest
         reader = await trio.to_thread.run_sync(SourceReader, row.source, row.size, row.mtime_ns, row.path)
         try:
             for chunk in range(manifest.chunk_count(index)):
-                if chunk * manifest.chunk_size < hasher.offset and chunk not in needed:
+                needed = self.machine.needs(index, chunk)
+                if chunk * manifest.chunk_size < hasher.offset and not needed:
                     continue  # hashed on an earlier connection, and the receiver holds it
-                frame = await trio.to_thread.run_sync(self._prepare, reader, hasher, index, chunk, chunk in needed)
+                frame = await trio.to_thread.run_sync(self._prepare, reader, hasher, index, chunk, needed)
                 if frame is not None:
                     await self._emit(out, frame, manifest.chunk_length(index, chunk))
             await trio.to_thread.run_sync(reader.check)

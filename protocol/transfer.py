@@ -41,8 +41,14 @@ class Bitmap:
     def discard(self, index: int) -> None:
         self._bits[index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
-    def count(self) -> int:
-        return int.from_bytes(self._bits, "little").bit_count()
+    def count(self, start: int = 0, stop: int | None = None) -> int:
+        """Set bits among slots [start, stop): one big-integer operation,
+        not a loop, since a file may span millions of slots."""
+        stop = self.size if stop is None else stop
+        if stop <= start:
+            return 0
+        window = int.from_bytes(self._bits[start >> 3 : (stop + 7) >> 3], "little") >> (start & 7)
+        return (window & ((1 << (stop - start)) - 1)).bit_count()
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
@@ -111,6 +117,13 @@ class SenderMachine:
 
     def needs(self, file: int, index: int) -> bool:
         return self.state is SenderState.SENDING and self._bases[file] + index not in self.have
+
+    def missing(self, file: int) -> int:
+        """How many of the file's chunks the receiver lacks."""
+        if self.state is not SenderState.SENDING:
+            return 0
+        base, count = self._bases[file], self.manifest.chunk_count(file)
+        return count - self.have.count(base, base + count)
 
     def done(self) -> Done:
         if self.state is not SenderState.SENDING:

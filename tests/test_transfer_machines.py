@@ -330,6 +330,18 @@ def test_bitmap_round_trips_through_bytes(size, data):
     assert again.count() == len(members)
 
 
+@given(st.integers(0, 200), st.data())
+@settings(max_examples=200, deadline=None)
+def test_bitmap_counts_any_slot_range(size, data):
+    members = data.draw(st.sets(st.integers(0, size - 1))) if size else set()
+    start = data.draw(st.integers(0, size))
+    stop = data.draw(st.integers(0, size))
+    bits = Bitmap(size)
+    for i in members:
+        bits.add(i)
+    assert bits.count(start, stop) == len([i for i in members if start <= i < stop])
+
+
 # --- hostile input to the receiver ----------------------------------------------------
 
 
