@@ -127,8 +127,13 @@ class Store:
         """At start: nothing is connected yet, so no transfer is active."""
         self._db.execute("UPDATE transfers SET state = 'waiting', updated = ? WHERE state = 'active'", (now,))
 
-    def chunks(self, transfer_id: str) -> dict[int, int]:
-        rows = self._db.execute("SELECT slot, crc FROM chunks WHERE transfer_id = ?", (transfer_id,))
+    def chunks(self, transfer_id: str, after: int = -1, limit: int = -1) -> dict[int, int]:
+        """Held chunks, slot -> CRC, in slot order: those past slot `after`,
+        at most `limit` of them (-1: all)."""
+        rows = self._db.execute(
+            "SELECT slot, crc FROM chunks WHERE transfer_id = ? AND slot > ? ORDER BY slot LIMIT ?",
+            (transfer_id, after, limit),
+        )
         return dict(rows.fetchall())
 
     def add_chunks(self, transfer_id: str, chunks: list[tuple[int, int]], bytes_done: int, now: str) -> None:

@@ -124,6 +124,35 @@ def test_killed_node_resumes_without_resending_verified_chunks(nodes, tmp_path, 
     assert_ledgers(alpha, bravo)
 
 
+def test_held_chunks_damaged_while_the_receiver_was_down_are_fetched_again(nodes, tmp_path):
+    alpha, bravo = nodes
+    size = 24 * MiB
+    source = tmp_path / "image.dd"
+    source.write_bytes(os.urandom(size))
+    proxy = _slow_link(alpha, bravo, rate=8 * MiB)
+    with ProxyThread(proxy):
+        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
+        alpha.start()
+        bravo.start()
+        transfer_id = json.loads(alpha.run("send", "bravo", source, "--json").stdout)["id"]
+        poll(lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 4 * MiB, what="4 MiB durable at the receiver")
+        bravo.kill()
+        # Chunks 0 and 2 are held (durable and recorded); flip a byte in each.
+        partial = bravo.home / "partial" / transfer_id / "0"
+        with open(partial, "r+b") as f:
+            for offset in (100, 2 * MiB + 7):
+                f.seek(offset)
+                byte = f.read(1)
+                f.seek(offset)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        bravo.start()
+        bravo.wait_state(transfer_id, ("done",), deadline=120)
+        alpha.wait_state(transfer_id, ("done",), deadline=60)
+    assert (bravo.home / "inbox" / "alpha" / transfer_id / "image.dd").read_bytes() == source.read_bytes()
+    assert "2 held chunks were damaged on disk; fetching them again" in bravo.log_path.read_text()
+    assert_ledgers(alpha, bravo)
+
+
 def test_transfer_to_a_peer_that_is_down_waits_then_completes(nodes, tmp_path):
     alpha, bravo = nodes
     alpha.start()
