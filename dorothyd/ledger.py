@@ -498,6 +498,7 @@ class Ledger:
         body = {"seq": self._next_seq, "time": time, "event": event, "fields": fields, "prev": self._prev}
         encoded = msgpack.packb(body, use_bin_type=True)
         payload = msgpack.packb([encoded, self._signer.sign(SIGNATURE_DOMAIN + encoded)], use_bin_type=True)
+        del encoded  # a record of 10,000 files is megabytes: keep one copy at a time
         if len(payload) > MAX_RECORD_BYTES:
             raise LedgerError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
         # Read back what we are about to write, as any reader will: a signer
@@ -508,7 +509,8 @@ class Ledger:
         except RecordError as exc:
             raise LedgerError(f"refusing to write an unverifiable record: {exc}") from exc
         try:
-            _write_all(self._fd, LENGTH_PREFIX.pack(len(payload)) + payload)
+            _write_all(self._fd, LENGTH_PREFIX.pack(len(payload)))
+            _write_all(self._fd, payload)
             os.fsync(self._fd)
         except OSError:
             # Best effort: whatever stays on disk is a torn tail that the

@@ -20,6 +20,7 @@ from ..protocol.manifest import Manifest, open_manifest
 from ..protocol.paths import quoted
 from ..protocol.receipt import ReceiptBody, sign_receipt
 from ..protocol.transfer import Aborted, Bitmap, Finalize, ReceiverMachine, WriteChunk
+from . import tuning
 from .channel import Channel
 from .logs import log
 from .node import Node, Running, iso_now, node_key_bytes
@@ -35,7 +36,7 @@ FLUSH_SECONDS = 1.0
 VERIFY_PAGE = 1024
 # Chunks queued behind a running write before the receiver stops reading:
 # the back-pressure that bounds its memory.
-MAX_QUEUED_BYTES = 4 << 20
+MAX_QUEUED_BYTES = 2 << 20
 
 
 def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -361,6 +362,9 @@ class Incoming:
 
     async def _finalize(self, partial: PartialFiles, machine: ReceiverMachine, action: Finalize) -> None:
         manifest, store = self.manifest, self.node.store
+        # The chunk buffers are free now; the ledger record of a large folder
+        # is about to need megabytes of small objects, which cannot reuse them.
+        await trio.to_thread.run_sync(tuning.release_free_memory)
         # One thread hop for every file: a phone extraction has tens of thousands.
         digests = await trio.to_thread.run_sync(lambda: [partial.file_sha256(i) for i in range(len(manifest.files))])
         for entry, digest, expected in zip(manifest.files, digests, action.sender_sha256):

@@ -18,6 +18,7 @@ from ..protocol.errors import RemoteProtocolError
 from ..protocol.manifest import open_manifest
 from ..protocol.paths import quoted
 from ..protocol.transfer import Aborted, Bitmap, Delivered, SenderMachine
+from . import tuning
 from .channel import Channel
 from .hashing import FileHasher
 from .logs import log
@@ -33,7 +34,7 @@ SHA_BATCH = 256  # file hashes saved per state-db transaction
 # worker-thread hop per batch of at most SMALL_BATCH files or
 # SMALL_BATCH_BYTES of content (what bounds the batch's memory).
 SMALL_BATCH = 64
-SMALL_BATCH_BYTES = 4 << 20
+SMALL_BATCH_BYTES = 2 << 20
 # A batch's records go to the socket in units of about this size: one send,
 # and one idle-deadline scope, per unit instead of two per file.
 SEND_UNIT = 1 << 20
@@ -71,6 +72,9 @@ class Outgoing:
         result = self.machine.receive(await self.channel.receive())
         if isinstance(result, Bitmap):
             await self._send_all(result)
+            # As on the receiver: free the chunk buffers before the ledger
+            # record of a large folder needs megabytes of small objects.
+            await trio.to_thread.run_sync(tuning.release_free_memory)
             result = self.machine.receive(await self.channel.receive())
         if isinstance(result, Aborted):
             raise TransferAborted(result)
@@ -113,6 +117,7 @@ class Outgoing:
                     continue
                 await self._small_files(out, small)
                 small, small_bytes = [], 0
+                self.hashers[index] = hasher
                 await self._chunked_file(out, index, row, hasher)
                 await self._file_done(out, index, row, hasher.digest())
             await self._small_files(out, small)
@@ -126,8 +131,10 @@ class Outgoing:
         # A chunk lost in flight lies below what was already hashed: it is
         # read again and sent, but not hashed again (FileHasher ignores it).
         # Had the source changed since, the receiver's SHA-256 would differ
-        # from ours and the transfer would fail loudly.
-        return self.hashers.setdefault(index, FileHasher())
+        # from ours and the transfer would fail loudly. Only files of several
+        # chunks keep their hasher across connections: a small file is read
+        # whole in one go, and 10,000 kept hashers would cost 5 MiB.
+        return self.hashers.get(index) or FileHasher()
 
     async def _file_done(self, out, index: int, row, digest: bytes) -> None:
         self._remember(index, row, digest)

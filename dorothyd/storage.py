@@ -79,7 +79,11 @@ class PartialFiles:
         self._open: OrderedDict[int, tuple[int, int | None]] = OrderedDict()
         self._dirty: set[int] = set()
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
-        self.hashers = [FileHasher() for _ in sizes]
+        # Running SHA-256 of files being received; a file's hasher is
+        # replaced by its digest once complete (10,000 of them would hold
+        # 5 MiB of hash state until the end).
+        self._hashers: dict[int, FileHasher] = {}
+        self._digests: dict[int, bytes] = {}
         # Hashing runs beside the writes: a direct write of 1 MiB waits about
         # 1 ms on the disk, time the SHA-256 and CRC of the batch can use.
         self._hash_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dorothy-hash")
@@ -130,9 +134,17 @@ class PartialFiles:
             _write_all(fd, memoryview(data), offset)
         self._dirty.add(index)
 
+    def _feed(self, index: int, offset: int, data: bytes) -> None:
+        if index in self._digests:
+            return
+        hasher = self._hashers.setdefault(index, FileHasher())
+        hasher.feed(offset, data)
+        if hasher.offset == self._sizes[index]:
+            self._digests[index] = self._hashers.pop(index).digest()
+
     def _hash(self, actions) -> list[int]:
         for action in actions:
-            self.hashers[action.file].feed(action.offset, action.data)
+            self._feed(action.file, action.offset, action.data)
         return [chunk_crc(action.data) for action in actions]
 
     def write_batch(self, actions) -> list[int]:
@@ -180,15 +192,17 @@ class PartialFiles:
             if len(data) != length or chunk_crc(data) != chunks[slot]:
                 damaged.append(slot)
             else:
-                self.hashers[index].feed(offset, data)
+                self._feed(index, offset, data)
         return damaged
 
     def file_sha256(self, index: int) -> bytes:
         if self._write_failed:
             raise OSError("a write of this transfer failed earlier; its hashes are not trustworthy")
-        hasher = self.hashers[index]
-        hasher.catch_up(self._fd(index), self._sizes[index])
-        return hasher.digest()
+        if index not in self._digests:
+            hasher = self._hashers.pop(index, None) or FileHasher()
+            hasher.catch_up(self._fd(index), self._sizes[index])
+            self._digests[index] = hasher.digest()
+        return self._digests[index]
 
     def close(self) -> None:
         self._hash_thread.shutdown()
