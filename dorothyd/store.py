@@ -6,7 +6,7 @@ listed as held only after its bytes were fsync'd (the caller's ordering).
 """
 
 import sqlite3
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 SCHEMA = """
@@ -49,8 +49,9 @@ ACTIVE_STATES = ("queued", "active", "waiting")
 FINAL_STATES = ("done", "failed", "cancelled")
 
 
-@dataclass(frozen=True)
-class FileRow:
+class FileRow(NamedTuple):
+    # A tuple, not a frozen dataclass: reading back 100,000 rows took 0.46 s
+    # that way, most of it in the dataclass's __init__.
     idx: int
     path: str
     source: bytes | None
@@ -94,11 +95,13 @@ class Store:
         return self._db.execute("SELECT * FROM transfers ORDER BY created, id").fetchall()
 
     def files(self, transfer_id: str) -> list[FileRow]:
-        rows = self._db.execute(
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        cursor.execute(
             "SELECT idx, path, source, size, mtime_ns, sha256 FROM files WHERE transfer_id = ? ORDER BY idx",
             (transfer_id,),
         )
-        return [FileRow(*row) for row in rows]
+        return list(map(FileRow._make, cursor))
 
     def update(self, transfer_id: str, now: str, **fields) -> None:
         columns = ", ".join(f"{name} = ?" for name in fields)

@@ -870,8 +870,8 @@ async def test_inbox_that_is_a_file_is_reported(make_node, tmp_path):
 
 STALL_BUG = pytest.mark.xfail(
     strict=True,
-    reason="KNOWN LIMIT: opening and registering an offer of 100,000 files (open_manifest, the state-db "
-    "insert and read-back) runs on the event loop for ~2.5 s, blocking other connections meanwhile",
+    reason="KNOWN LIMIT: registering an offer of 100,000 files (one state-db transaction inserting every "
+    "file row) runs on the event loop for ~0.8 s, blocking other connections meanwhile",
 )
 
 
