@@ -24,12 +24,17 @@ from enum import Enum
 from hashlib import blake2b
 from typing import Callable
 
+import nacl.bindings
 from nacl._sodium import ffi
 from nacl._sodium import lib as sodium
 
 from . import noise
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import HEADER_LEN, MAX_FRAME, MAX_HANDSHAKE_FRAME, FrameDecoder, encode_frame
+
+# sodium_init() is where libsodium picks its AES-NI AEGIS code; pynacl runs
+# it once (here explicitly, since RecordCipher calls the raw binding).
+nacl.bindings.sodium_init()
 
 MAGIC = b"DOROTHY"
 SUPPORTED_VERSIONS = (1,)
