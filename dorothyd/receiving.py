@@ -239,7 +239,7 @@ class Incoming:
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
-        # Chunks are written (copy, pwrite, SHA-256, CRC) in worker threads
+        # Chunks are written (copy, pwrite, SHA-256, CRC) in a worker thread
         # while the event loop receives and decrypts the next ones; those
         # that arrive meanwhile are written together in the next hop, so a
         # folder of small files does not pay a thread hop per file.

@@ -17,7 +17,6 @@ import os
 import shutil
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .hashing import FileHasher
@@ -84,10 +83,6 @@ class PartialFiles:
         # 5 MiB of hash state until the end).
         self._hashers: dict[int, FileHasher] = {}
         self._digests: dict[int, bytes] = {}
-        # Hashing runs beside the writes: a direct write of 1 MiB waits about
-        # 1 ms on the disk, time the SHA-256 and CRC of the batch can use.
-        self._hash_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dorothy-hash")
-        self._write_failed = False
 
     def _fds(self, index: int) -> tuple[int, int | None]:
         fds = self._open.pop(index, None)
@@ -142,25 +137,15 @@ class PartialFiles:
         if hasher.offset == self._sizes[index]:
             self._digests[index] = self._hashers.pop(index).digest()
 
-    def _hash(self, actions) -> list[int]:
-        for action in actions:
-            self._feed(action.file, action.offset, action.data)
-        return [chunk_crc(action.data) for action in actions]
-
     def write_batch(self, actions) -> list[int]:
         """Write several WriteChunk actions (one worker-thread hop) and
-        return their CRCs."""
-        hashing = self._hash_thread.submit(self._hash, actions)
-        try:
-            for action in actions:
-                self._write(action.file, action.offset, action.data)
-        except BaseException:
-            # The hashers have consumed bytes that are not on disk: this
-            # object can no longer vouch for a file's SHA-256.
-            self._write_failed = True
-            raise
-        finally:
-            crcs = hashing.result()  # never leave the hash thread behind a failed or closing write
+        return their CRCs. (Hashing in a second thread beside the writes was
+        tried: no measurable gain, 299 against 314 MiB/s over three runs.)"""
+        crcs = []
+        for action in actions:
+            self._write(action.file, action.offset, action.data)
+            self._feed(action.file, action.offset, action.data)
+            crcs.append(chunk_crc(action.data))
         return crcs
 
     def flush(self) -> None:
@@ -196,8 +181,6 @@ class PartialFiles:
         return damaged
 
     def file_sha256(self, index: int) -> bytes:
-        if self._write_failed:
-            raise OSError("a write of this transfer failed earlier; its hashes are not trustworthy")
         if index not in self._digests:
             hasher = self._hashers.pop(index, None) or FileHasher()
             hasher.catch_up(self._fd(index), self._sizes[index])
@@ -205,7 +188,6 @@ class PartialFiles:
         return self._digests[index]
 
     def close(self) -> None:
-        self._hash_thread.shutdown()
         while self._open:
             self._evict()
         if self._dir_fd is not None:
