@@ -8,6 +8,7 @@ and its CPU the delta of utime + stime.
 """
 
 import json
+import re
 import shutil
 import sqlite3
 import sys
@@ -211,22 +212,29 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
         "wall_s": round(finished - started, 2),
         "kill_to_done_s": round(finished - killed_at, 2),
         "kill_to_daemon_ready_s": round(ready_at - killed_at, 2),
-        # from the first bytes of the resumed connection to chunk data
-        # flowing: handshake, offer, re-reading the held chunks, accept
-        "restart_cost_s": resumed["restart_cost_s"],
+        # what bravo's log says re-verifying its held chunks took (before it
+        # answers the offer); else, seen on the link, from the resumed
+        # connection's first bytes to chunk data flowing
+        "restart_cost_s": _reverify_seconds(nodes.bravo, transfer_id) or resumed["restart_cost_s"],
         "receiver_read_bytes_before_flowing": resumed["receiver_read_bytes"],
         # of which from storage rather than the page cache (/proc/PID/io read_bytes)
         "receiver_disk_read_bytes_before_flowing": resumed["receiver_disk_read_bytes"],
         "sender_read_bytes_after_kill": sender_read,
     }
     cost = "nothing was left to send"
-    if resumed["restart_cost_s"] is not None:
-        cost = f"restart cost {resumed['restart_cost_s']}s re-reading {resumed['receiver_read_bytes'] / MiB:.0f} MiB"
+    if result["restart_cost_s"] is not None:
+        cost = f"restart cost {result['restart_cost_s']}s re-reading {resumed['receiver_read_bytes'] / MiB:.0f} MiB"
     log(
         f"  resume after receiver restart: durable {(durable or 0) / MiB:.0f} MiB at kill, {cost}, "
         f"re-sent {result['resent_bytes'] / MiB:.1f} MiB, kill to done {result['kill_to_done_s']}s, ok={ok}"
     )
     return result
+
+
+def _reverify_seconds(node, transfer_id: str) -> float | None:
+    """The last 're-verified ... in S s' that node logged for the transfer."""
+    found = re.findall(rf"transfer {transfer_id}: re-verified .* in ([0-9.]+) s", node.log_path.read_text())
+    return float(found[-1]) if found else None
 
 
 def _watch_resume(nodes: Pair, proxy: FaultProxy, transfer_id: str, remaining: int, deadline: float) -> dict:
