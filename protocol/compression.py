@@ -26,7 +26,7 @@ MAX_WINDOW = 1 << 22
 # much of a seized disk) are recognised from a sample: SAMPLES pieces of
 # SAMPLE_PIECE bytes spread over the chunk. Only if the sample shrinks by at
 # least 1/SAMPLE_MIN_SAVING is the whole chunk compressed. On 1 MiB of random
-# data the sample costs 0.02 ms against 0.23 ms for a full attempt.
+# data the sample costs 0.03 ms against 0.18 ms for a full attempt (bench/micro.py).
 SAMPLES = 16
 SAMPLE_PIECE = 4096
 SAMPLE_MIN_SAVING = 32
