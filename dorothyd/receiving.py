@@ -212,24 +212,28 @@ class Incoming:
         store, manifest = self.node.store, self.manifest
         sizes = [entry.size for entry in manifest.files]
         partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes)
-        have = Bitmap(manifest.total_chunks)
-        done_bytes, damaged, last = 0, [], -1
-        started = trio.current_time()
-        while held := store.chunks(self.id, after=last, limit=VERIFY_PAGE):
-            layout = _slot_layout(manifest, held)
-            bad = set(await trio.to_thread.run_sync(partial.verify, held, layout))
-            for slot, _, _, length in layout:
-                if slot not in bad:
-                    have.add(slot)
-                    done_bytes += length
-            damaged.extend(bad)
-            last = layout[-1][0]
-        if last >= 0:  # what a restart costs, for operators (and the bench)
-            log.info("transfer %s: re-verified %d held chunks, %d bytes, in %.2f s",
-                     self.id, have.count() + len(damaged), done_bytes, trio.current_time() - started)
-        if damaged:
-            log.warning("transfer %s: %d held chunks were damaged on disk; fetching them again", self.id, len(damaged))
-            store.drop_chunks(self.id, damaged)
+        try:
+            have = Bitmap(manifest.total_chunks)
+            done_bytes, damaged, last = 0, [], -1
+            started = trio.current_time()
+            while held := store.chunks(self.id, after=last, limit=VERIFY_PAGE):
+                layout = _slot_layout(manifest, held)
+                bad = set(await trio.to_thread.run_sync(partial.verify, held, layout))
+                for slot, _, _, length in layout:
+                    if slot not in bad:
+                        have.add(slot)
+                        done_bytes += length
+                damaged.extend(bad)
+                last = layout[-1][0]
+            if last >= 0:  # what a restart costs, for operators (and the bench)
+                log.info("transfer %s: re-verified %d held chunks, %d bytes, in %.2f s",
+                         self.id, have.count() + len(damaged), done_bytes, trio.current_time() - started)
+            if damaged:
+                log.warning("transfer %s: %d held chunks were damaged on disk; fetching them again", self.id, len(damaged))
+                store.drop_chunks(self.id, damaged)
+        except BaseException:
+            partial.close()  # cancelled (or failed) between pages: no descriptor left behind
+            raise
         return partial, have, done_bytes
 
     async def _receive(self, running: Running) -> None:
@@ -356,6 +360,7 @@ class Incoming:
         await self._end(state, f"sender: {action.reason}", partial, by="sender")
 
     async def _end(self, state: str, error: str, partial: PartialFiles, *, by: str) -> None:
+        self._pending, self._pending_bytes = [], 0  # written for a transfer that is over: nothing to save
         await trio.to_thread.run_sync(partial.discard)
         self.node.store.drop_chunks(self.id)
         self.node.store.update(self.id, iso_now(), state=state, error=error)

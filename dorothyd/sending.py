@@ -109,7 +109,8 @@ class Outgoing:
                 if self.manifest.chunk_count(index) <= 1 and hasher.offset == 0:
                     # Files of at most one chunk travel in batches: one
                     # thread hop for many (most of a phone extraction).
-                    small.append((index, row, hasher, self.machine.needs(index, 0)))
+                    needed = row.size > 0 and self.machine.needs(index, 0)  # an empty file has no chunk
+                    small.append((index, row, hasher, needed))
                     small_bytes += row.size
                     if len(small) >= SMALL_BATCH or small_bytes >= SMALL_BATCH_BYTES:
                         await self._small_files(out, small)

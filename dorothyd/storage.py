@@ -85,6 +85,8 @@ class PartialFiles:
         self._digests: dict[int, bytes] = {}
 
     def _fds(self, index: int) -> tuple[int, int | None]:
+        if self._dir_fd is None:  # never fall back to a path relative to the working directory
+            raise OSError(errno.EBADF, f"the partial files of {self.directory.name} are closed")
         fds = self._open.pop(index, None)
         if fds is None:
             while len(self._open) >= MAX_OPEN_FILES:
@@ -150,7 +152,7 @@ class PartialFiles:
 
     def flush(self) -> None:
         """Make every write so far durable."""
-        if len(self._dirty) > SYNCFS_THRESHOLD:
+        if len(self._dirty) > SYNCFS_THRESHOLD and self._dir_fd is not None:
             _syncfs(self._dir_fd)
         else:
             for index in list(self._dirty):

@@ -30,23 +30,39 @@ def encode_frame(payload: bytes, limit: int = MAX_FRAME) -> bytes:
     return len(payload).to_bytes(HEADER_LEN, "big") + payload
 
 
+# Reads shorter than this are gathered into one buffer (see FrameDecoder).
+SMALL_READ = 4096
+
+
 class FrameDecoder:
     """Accumulates bytes and yields whole frames, refusing oversized ones early.
 
     Received pieces are kept as they came: a frame inside one piece is handed
     over as a view of it, and a frame spread over several reads costs one
     join. (At 1 MiB per record, each copy avoided is about 0.07 ms of CPU.)
+    Small reads are gathered into one growing piece instead, so a peer that
+    trickles a frame a byte at a time costs its bytes, not an object each.
     """
 
     def __init__(self, limit: int = MAX_HANDSHAKE_FRAME):
         self.limit = limit
-        self._pieces: deque[bytes] = deque()
+        self._pieces: deque[bytes | bytearray] = deque()
         self._offset = 0  # into the first piece
         self._size = 0
+        # The last piece, while small reads may still be appended to it; no
+        # longer once a frame has been handed over (its view may point into it).
+        self._gathering: bytearray | None = None
 
     def receive_data(self, data: bytes) -> None:
         if data:
-            self._pieces.append(data)
+            if len(data) < SMALL_READ:
+                if self._gathering is None:
+                    self._gathering = bytearray()
+                    self._pieces.append(self._gathering)
+                self._gathering += data
+            else:
+                self._gathering = None
+                self._pieces.append(data)
             self._size += len(data)
         self._frame_length()
 
@@ -72,6 +88,7 @@ class FrameDecoder:
         length = self._frame_length()
         if length is None or self._size < HEADER_LEN + length:
             return None
+        self._gathering = None
         end = self._offset + HEADER_LEN + length
         if len(self._pieces[0]) < end:  # spread over several reads: join them once
             rest = islice(self._pieces, 1, None)

@@ -195,3 +195,25 @@ def test_default_decoder_holds_an_unauthenticated_peer_to_the_handshake_limit():
     with pytest.raises(RemoteProtocolError) as info:
         decoder.receive_data((MAX_HANDSHAKE_FRAME + 1).to_bytes(HEADER_LEN, "big"))
     assert info.value.code == "frame_too_large"
+
+
+def test_a_frame_trickled_a_byte_at_a_time_costs_its_bytes_not_an_object_each():
+    # A trusted peer may send a 16 MiB frame in 1-byte TCP segments; the
+    # decoder must not hold ~40 bytes of object per byte meanwhile.
+    import tracemalloc
+
+    body = bytes(range(256)) * 1024  # 256 KiB
+    stream = encode_frame(body, MAX_FRAME)
+    decoder = FrameDecoder(MAX_FRAME)
+    tracemalloc.start()
+    try:
+        for i in range(len(stream) - 1):
+            decoder.receive_data(stream[i : i + 1])
+            assert decoder.next_frame() is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(stream), held
+    decoder.receive_data(stream[-1:])
+    assert decoder.next_frame() == body
+

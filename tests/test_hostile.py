@@ -433,6 +433,31 @@ async def test_windows_device_names_are_plain_names_on_linux(make_node, tmp_path
         await assert_still_serving(env)
 
 
+@pytest.mark.parametrize("code", ["cancelled", "source_changed"])
+async def test_a_final_abort_right_after_a_chunk_leaves_nothing_behind(make_node, tmp_path, monkeypatch, code):
+    """The chunk is written but not yet durable when the abort ends the
+    transfer: nothing may be saved for it afterwards, in the state db or,
+    with its partial directory gone, relative to the daemon's working
+    directory."""
+    cwd = tmp_path / "daemon-cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    async with serving(make_node, tmp_path) as env:
+        before = snapshot(tmp_path)
+        peer, manifest = await offer(env, [("a.bin", 2 * CHUNK + 100), ("b.bin", 10)])
+        await peer.send(chunk(index=0))
+        await peer.send(messages.Abort(code=code, reason="the sender gave up", final=True))
+        await peer.outcome()
+        tid = manifest.transfer_id.hex()
+        assert env.bravo.store.get(tid)["state"] == ("cancelled" if code == "cancelled" else "failed")
+        assert env.bravo.store.chunks(tid) == {}
+        assert os.listdir(cwd) == []
+        assert not (env.bravo.home.partial_dir / tid).exists()
+        assert_contained(env, before | {"daemon-cwd"})
+        assert_ledger_ok(env.bravo)
+        await assert_still_serving(env)
+
+
 HUGE = 1 << 45  # 32 TiB: larger than this disk, and than ext4's largest file
 BIG_CHUNK = 1 << 22
 

@@ -140,6 +140,25 @@ async def test_transfer_completes_in_one_connection(make_node, tmp_path):
     assert chunk_frames(sent_s) == 3 + 1 + 2  # every chunk of the two random files exactly once
 
 
+@pytest.mark.parametrize(
+    "files",
+    [{"case/empty": b""}, {"case/a.bin": bytes(8 * CHUNK), "case/z-empty": b""}],
+    ids=["only-an-empty-file", "8-chunks-then-an-empty-file"],
+)
+async def test_empty_files_at_the_end_of_a_transfer_arrive(make_node, tmp_path, files):
+    # An empty file has no chunk of its own; as the last file its slot would
+    # lie past the end of the have-map (here: 8 chunks, a whole byte).
+    sender, receiver = make_node("alpha", chunk_size=CHUNK), make_node("bravo", chunk_size=CHUNK)
+    introduce(sender, receiver)
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    transfer_id = await queue_transfer(sender, "bravo", [str(tmp_path / "src" / "case")])
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
 async def count_frames(make_node, tmp_path):
     sender, receiver, _, transfer_id = await setup_pair(make_node, tmp_path / "probe")
     sent_s, sent_r, errors = await attempt(sender, receiver, transfer_id)
