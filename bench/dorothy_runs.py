@@ -20,7 +20,7 @@ from dorothy.cli.client import ClientError, call
 from dorothy.cli.localnodes import LocalNode, pair, poll
 
 from .data import tree_size
-from .link import Faults, FaultProxy, Link, ProxyThread, link_faults
+from .link import Faults, FaultProxy, ProxyThread, link_faults
 from .measure import MiB, Group, io_counters, run_command
 
 # For the fault scenarios only: reconnect within 0.05-0.5 s (the default
@@ -276,9 +276,9 @@ def _delta(before: dict, after: dict, key: str) -> int | None:
 
 
 def rate_limited(work: Path, path: Path, mbit: float, delay_ms: float, log) -> dict:
-    """One timed send through a Link in front of bravo (both directions)."""
+    """One timed send through a rate-limited link in front of bravo (both directions)."""
     with Pair(work, "ratelimited") as nodes:
-        link = Link((nodes.bravo.host, nodes.bravo.port))
+        link = FaultProxy((nodes.bravo.host, nodes.bravo.port))
         with ProxyThread(link):
             link.plan(up=link_faults(mbit, delay_ms), down=link_faults(mbit, delay_ms))
             nodes.route_via(link.port)

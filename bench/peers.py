@@ -17,14 +17,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from .link import FaultProxy, Link, ProxyThread
+from .link import FaultProxy, ProxyThread
 from .measure import Group, run_command
 
 INSTALL_HINT = "apt-get install -y openssh-server openssh-client rsync"
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
 HOST = "benchpeer"  # direct to the sshd
-LINK_HOST = "benchpeer-link"  # through the rate-limited Link in front of it
+LINK_HOST = "benchpeer-link"  # through the rate-limited link (a FaultProxy) in front of it
 
 # name -> (program, extra arguments)
 TOOLS = {
@@ -264,10 +264,10 @@ def rsync_resume(sshd: Sshd, source: Path, dest_dir: Path, log) -> dict:
 
 
 def rate_limited(sshd: Sshd, tool: str, source: Path, dest_dir: Path, faults) -> dict:
-    """One copy through a Link (rate and delay both ways) in front of the sshd."""
+    """One copy through a rate-limited link (rate and delay both ways) in front of the sshd."""
     shutil.rmtree(dest_dir, ignore_errors=True)
     dest_dir.mkdir(parents=True)
-    link = Link(("127.0.0.1", sshd.port))
+    link = FaultProxy(("127.0.0.1", sshd.port))
     with ProxyThread(link):
         link.plan(up=faults, down=faults)
         sshd.route_link(link.port)

@@ -4,7 +4,8 @@ Each direction ("up": client to server, "down": back) passes through a
 `Faults` plan: cut the connection at a byte offset, stall, add delay,
 throttle to a rate, duplicate or flip bytes at offsets. Plans can be drawn
 at random from a seed, so every failing run is reproducible from the seed
-it prints. Also importable by bench/ for the rate-limited link.
+it prints. Also what bench/ runs as its rate-limited link (100 Mbit/s and
+20 ms each way: `rate` and `delay`).
 
 For tests that drive daemons as processes, `ProxyThread` runs the proxy in a
 background thread with its own trio loop.
@@ -24,6 +25,14 @@ from dataclasses import dataclass, field
 import trio
 
 BLOCK = 64 * 1024
+# Blocks one direction holds in flight beyond what the link's rate times its
+# delay needs: about a socket buffer's worth, so a peer that stops reading
+# still pushes back on its sender as it would without the proxy.
+SLACK_BLOCKS = 16
+# How far the bottleneck may catch up after its task woke late.
+BURST_SECONDS = 0.01
+# What travels through a direction's pipe besides plain data.
+DATA, AGAIN, CUT, EOF = "data", "again", "cut", "eof"
 
 
 @dataclass
@@ -32,7 +41,7 @@ class Faults:
     stall_at: int | None = None  # stop forwarding (but keep the socket) from here on
     flip_at: list[int] = field(default_factory=list)  # xor 0x01 into these offsets
     duplicate_at: list[int] = field(default_factory=list)  # send the block holding this offset twice
-    delay: float = 0.0  # one-way latency added to every block, in seconds
+    delay: float = 0.0  # one-way latency, in seconds (blocks in flight overlap)
     rate: float | None = None  # bytes per second
 
     @classmethod
@@ -117,45 +126,71 @@ class FaultProxy:
     async def _pump(
         self, source, sink, faults: Faults, counter: Direction, scope: trio.CancelScope, record: Connection | None = None, name: str = ""
     ) -> None:
-        offset = 0
-        next_time = trio.current_time()
+        """Read blocks, apply the plan, and hand them to `_deliver` through a
+        pipe: a block enters at `rate` and leaves `delay` later, with later
+        blocks in flight behind it, as on a real path (waiting `delay`
+        before each block instead would cap a connection at one block per
+        delay: 3.2 MiB/s at 20 ms, whatever the rate)."""
         fired = record.fired if record is not None else []
+        in_flight = 2 * int((faults.rate or 0) * faults.delay / BLOCK) + SLACK_BLOCKS
+        pipe_in, pipe_out = trio.open_memory_channel(in_flight)
         try:
-            while True:
-                data = await source.receive_some(BLOCK)
-                if not data:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._deliver, pipe_out, sink, counter, scope, record, name)
+                async with pipe_in:
+                    offset = 0
+                    wire_free = trio.current_time()  # when the bottleneck finishes the last block
+                    while True:
+                        data = await source.receive_some(BLOCK)
+                        now = trio.current_time()
+                        # A late wake-up (a busy machine) must not cost link
+                        # time: only a link idle for more than BURST_SECONDS
+                        # restarts from now, as a real link's queue drains.
+                        wire_free = max(wire_free, now - BURST_SECONDS) + (len(data) / faults.rate if faults.rate else 0.0)
+                        if faults.rate:
+                            await trio.sleep_until(wire_free)
+                        due = max(wire_free, now) + faults.delay
+                        if not data:
+                            await pipe_in.send((due, EOF, b""))
+                            return
+                        end = offset + len(data)
+                        if faults.cut_at is not None and end > faults.cut_at:
+                            fired.append(f"{name} cut")
+                            await pipe_in.send((due, CUT, data[: max(0, faults.cut_at - offset)]))
+                            return
+                        if faults.stall_at is not None and end > faults.stall_at:
+                            fired.append(f"{name} stall")
+                            await pipe_in.send((due, DATA, data[: max(0, faults.stall_at - offset)]))
+                            await trio.sleep_forever()
+                        block = bytearray(data)
+                        for at in faults.flip_at:
+                            if offset <= at < end:
+                                fired.append(f"{name} flip")
+                                block[at - offset] ^= 0x01
+                        await pipe_in.send((due, DATA, block))
+                        if any(offset <= at < end for at in faults.duplicate_at):
+                            fired.append(f"{name} duplicate")
+                            await pipe_in.send((due, AGAIN, block))
+                        offset = end
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            scope.cancel()
+
+    @staticmethod
+    async def _deliver(pipe_out, sink, counter: Direction, scope: trio.CancelScope, record: Connection | None, name: str) -> None:
+        async with pipe_out:
+            async for due, kind, block in pipe_out:
+                await trio.sleep_until(due)
+                if kind == EOF:
                     await sink.send_eof()
                     return
-                end = offset + len(data)
-                if faults.cut_at is not None and end > faults.cut_at:
-                    fired.append(f"{name} cut")
-                    await sink.send_all(data[: max(0, faults.cut_at - offset)])
+                await sink.send_all(block)
+                if kind == CUT:
                     scope.cancel()
                     return
-                if faults.stall_at is not None and end > faults.stall_at:
-                    fired.append(f"{name} stall")
-                    await sink.send_all(data[: max(0, faults.stall_at - offset)])
-                    await trio.sleep_forever()
-                block = bytearray(data)
-                for at in faults.flip_at:
-                    if offset <= at < end:
-                        fired.append(f"{name} flip")
-                        block[at - offset] ^= 0x01
-                if faults.delay:
-                    await trio.sleep_until(trio.current_time() + faults.delay)
-                if faults.rate:
-                    next_time = max(next_time, trio.current_time()) + len(block) / faults.rate
-                    await trio.sleep_until(next_time)
-                await sink.send_all(block)
-                if any(offset <= at < end for at in faults.duplicate_at):
-                    fired.append(f"{name} duplicate")
-                    await sink.send_all(block)
-                offset = end
-                counter.passed += len(data)
-                if record is not None:
-                    record.passed[name] += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            scope.cancel()
+                if kind == DATA:  # a duplicate is not counted twice
+                    counter.passed += len(block)
+                    if record is not None:
+                        record.passed[name] += len(block)
 
 
 class ProxyThread:
