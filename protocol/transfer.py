@@ -116,7 +116,14 @@ class SenderMachine:
         return Offer(manifest=self._envelope)
 
     def needs(self, file: int, index: int) -> bool:
-        return self.state is SenderState.SENDING and self._bases[file] + index not in self.have
+        """Whether the receiver lacks chunk `index` of `file` (an index the
+        file does not have is never needed: an empty file's base slot is
+        the next file's)."""
+        return (
+            self.state is SenderState.SENDING
+            and 0 <= index < self.manifest.chunk_count(file)
+            and self._bases[file] + index not in self.have
+        )
 
     def missing(self, file: int) -> int:
         """How many of the file's chunks the receiver lacks."""

@@ -227,6 +227,17 @@ def test_a_transfer_of_only_empty_files_needs_no_chunks():
     assert finish(t).sender_sha256 == (hashlib.sha256(b"").digest(),) * 2
 
 
+@pytest.mark.parametrize("sizes", [[0], [8 * CHUNK, 0], [CHUNK, 0, CHUNK]], ids=["only-empty", "empty-last", "empty-between"])
+def test_an_empty_file_never_needs_a_chunk(sizes):
+    # Its base slot is the next file's (or one past the have-map's end).
+    t = make_transfer([bytes(size) for size in sizes])
+    start(t)
+    for file, size in enumerate(sizes):
+        if size == 0:
+            assert t.sender.needs(file, 0) is False
+            assert t.sender.missing(file) == 0
+
+
 def test_compressible_chunks_travel_compressed():
     t = make_transfer([file_content("text", 2 * CHUNK, 1), file_content("random", CHUNK, 2)])
     start(t)
