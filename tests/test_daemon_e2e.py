@@ -3,6 +3,7 @@ through the `dorothy` CLI (tests/faultproxy.py in between where a test needs
 a slow or broken link). Polling with a deadline happens only here, at the
 process boundary."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,15 +86,19 @@ def test_folder_arrives_bit_identical(nodes, tmp_path):
     assert "\x1b" not in shown and "\\x1b[31m" in shown  # names are shown escaped
 
 
-def _slow_link(alpha, bravo, rate):
+@contextlib.contextmanager
+def sending_over_slow_link(alpha, bravo, source, rate, *wait):
+    """Start both nodes with alpha reaching bravo through a proxy that
+    carries `rate` bytes/s upward, and send `source` (with "--wait", until
+    done); yields (proxy, transfer id) while the proxy runs."""
     proxy = FaultProxy((bravo.host, bravo.port), host="127.0.0.1")
     proxy.plan(up=Faults(rate=rate))
-    return proxy
-
-
-def _retrust(alpha, bravo, address):
-    alpha.run("peer", "remove", "bravo")
-    alpha.run("peer", "add", "bravo", address, bravo.node_key())
+    with ProxyThread(proxy):
+        alpha.run("peer", "remove", "bravo")
+        alpha.run("peer", "add", "bravo", f"127.0.0.1:{proxy.port}", bravo.node_key())
+        alpha.start()
+        bravo.start()
+        yield proxy, json.loads(alpha.run("send", "bravo", source, "--json", *wait).stdout)["id"]
 
 
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
@@ -102,12 +107,7 @@ def test_killed_node_resumes_without_resending_verified_chunks(nodes, tmp_path, 
     size = 40 * MiB
     source = tmp_path / "image.dd"
     source.write_bytes(os.urandom(size))
-    proxy = _slow_link(alpha, bravo, rate=16 * MiB)
-    with ProxyThread(proxy):
-        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
-        alpha.start()
-        bravo.start()
-        transfer_id = json.loads(alpha.run("send", "bravo", source, "--json").stdout)["id"]
+    with sending_over_slow_link(alpha, bravo, source, 16 * MiB) as (proxy, transfer_id):
         durable = poll(
             lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 8 * MiB and t["bytes_done"],
             what="8 MiB durable at the receiver",
@@ -129,12 +129,7 @@ def test_held_chunks_damaged_while_the_receiver_was_down_are_fetched_again(nodes
     size = 24 * MiB
     source = tmp_path / "image.dd"
     source.write_bytes(os.urandom(size))
-    proxy = _slow_link(alpha, bravo, rate=8 * MiB)
-    with ProxyThread(proxy):
-        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
-        alpha.start()
-        bravo.start()
-        transfer_id = json.loads(alpha.run("send", "bravo", source, "--json").stdout)["id"]
+    with sending_over_slow_link(alpha, bravo, source, 8 * MiB) as (_, transfer_id):
         poll(lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 4 * MiB, what="4 MiB durable at the receiver")
         bravo.kill()
         # Chunks 0 and 2 are held (durable and recorded); flip a byte in each.
@@ -158,12 +153,7 @@ def test_text_travels_compressed_while_the_link_is_the_bottleneck(nodes, tmp_pat
     source = tmp_path / "server.log"
     text = b"".join(b"2026-11-29T06:%02d:%02dZ INFO request id=%08d status=200\n" % (i // 60 % 60, i % 60, i) for i in range(1_000_000))
     source.write_bytes(text)
-    proxy = _slow_link(alpha, bravo, rate=4 * MiB)
-    with ProxyThread(proxy):
-        _retrust(alpha, bravo, f"127.0.0.1:{proxy.port}")
-        alpha.start()
-        bravo.start()
-        transfer_id = json.loads(alpha.run("send", "bravo", source, "--json", "--wait").stdout)["id"]
+    with sending_over_slow_link(alpha, bravo, source, 4 * MiB, "--wait") as (proxy, transfer_id):
         crossed = proxy.up.passed
     assert (bravo.home / "inbox" / "alpha" / transfer_id / "server.log").read_bytes() == text
     # Sent raw, the file would take 13 s at 4 MiB/s; compressed it crosses
