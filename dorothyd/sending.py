@@ -101,16 +101,14 @@ class Outgoing:
             small: list[tuple[int, object, FileHasher, bool]] = []
             small_bytes = 0
             for index, row in enumerate(self.node.store.files(self.id)):
-                plan = self._plan(index, row)
-                if plan is None:  # held by the receiver, hash known
+                hasher = self._plan(index, row)
+                if hasher is None:  # held by the receiver, hash known
                     await self._file_done(out, index, row, row.sha256)
                     continue
-                hasher = plan
                 if self.manifest.chunk_count(index) <= 1 and hasher.offset == 0:
                     # Files of at most one chunk travel in batches: one
                     # thread hop for many (most of a phone extraction).
-                    needed = row.size > 0 and self.machine.needs(index, 0)  # an empty file has no chunk
-                    small.append((index, row, hasher, needed))
+                    small.append((index, row, hasher, self.machine.needs(index, 0)))
                     small_bytes += row.size
                     if len(small) >= SMALL_BATCH or small_bytes >= SMALL_BATCH_BYTES:
                         await self._small_files(out, small)
