@@ -214,7 +214,7 @@ class Incoming:
         partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes)
         try:
             have = Bitmap(manifest.total_chunks)
-            done_bytes, damaged, last = 0, [], -1
+            done_bytes, damaged, verified, last = 0, [], 0, -1
             started = trio.current_time()
             while held := store.chunks(self.id, after=last, limit=VERIFY_PAGE):
                 layout = _slot_layout(manifest, held)
@@ -224,10 +224,11 @@ class Incoming:
                         have.add(slot)
                         done_bytes += length
                 damaged.extend(bad)
+                verified += len(layout)
                 last = layout[-1][0]
-            if last >= 0:  # what a restart costs, for operators (and the bench)
+            if verified:  # what a restart costs, for operators (and the bench)
                 log.info("transfer %s: re-verified %d held chunks, %d bytes, in %.2f s",
-                         self.id, have.count() + len(damaged), done_bytes, trio.current_time() - started)
+                         self.id, verified, done_bytes, trio.current_time() - started)
             if damaged:
                 log.warning("transfer %s: %d held chunks were damaged on disk; fetching them again", self.id, len(damaged))
                 store.drop_chunks(self.id, damaged)

@@ -156,7 +156,7 @@ class Outgoing:
             self._remember(index, row, hasher.digest())
         for unit in units:
             await out.send(unit)
-        sent = [row.size for _, row, _, needed in batch if needed and row.size]
+        sent = [row.size for _, row, _, needed in batch if needed]
         self._count(sum(sent), len(sent))
 
     def _whole_files(self, batch: list, compress: bool) -> list[bytes]:
