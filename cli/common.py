@@ -12,7 +12,7 @@ from ..dorothyd.home import Home, resolve_home
 from ..dorothyd.audit import AuditError
 from ..dorothyd.ledger import Ledger, LedgerError
 from ..dorothyd.note import NoteError
-from ..dorothyd.node import utc_now
+from ..dorothyd.clock import utc_now
 from ..keys.errors import KeysError
 from ..keys.identity import NodeIdentity
 from .client import ClientError

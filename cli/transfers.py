@@ -11,9 +11,11 @@ from .client import call
 from .common import emit, existing_home, home_option
 
 FINAL_STATES = ("done", "failed", "cancelled")
-# How often --wait and --watch ask the daemon: a process boundary, so this
-# is polling with no deadline of its own, not a test synchronisation.
-POLL_SECONDS = 0.2
+# --wait asks the daemon to answer when the transfer ends (a `wait` request,
+# at most WAIT_SECONDS at a time), or after REDRAW_SECONDS when a progress bar
+# is to be redrawn.
+WAIT_SECONDS = 50
+REDRAW_SECONDS = 0.2
 
 
 def _human(n: float) -> str:
@@ -63,9 +65,9 @@ def send(home_path, peer_name, paths, as_json, wait):
 
 def _wait(root, transfer_id: str) -> dict:
     bar = sys.stderr.isatty()
-    started, first_done = time.monotonic(), None
+    started, first_done, seconds = time.monotonic(), None, 0
     while True:
-        t = call(root, {"op": "status", "id": transfer_id, "files": False})["transfer"]
+        t = call(root, {"op": "wait", "id": transfer_id, "seconds": seconds})["transfer"]
         if bar:
             if first_done is None:
                 first_done = t["bytes_done"]
@@ -74,7 +76,7 @@ def _wait(root, transfer_id: str) -> dict:
             if bar:
                 click.echo("", err=True)
             return t
-        time.sleep(POLL_SECONDS)
+        seconds = REDRAW_SECONDS if bar else WAIT_SECONDS
 
 
 def _draw(t: dict, elapsed: float, moved: int) -> None:

@@ -17,8 +17,12 @@ from .logs import log
 from .node import Node
 from .queueing import RequestError, cancel_transfer, describe, find, queue_transfer
 from .sources import SourceError
+from .store import FINAL_STATES
 
 MAX_REQUEST = 1 << 20
+# A `wait` holds its connection at most this long (the CLI's socket timeout
+# is 60 s); a client that waits longer asks again.
+MAX_WAIT_SECONDS = 50
 
 
 async def run_control(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -108,6 +112,23 @@ def _id(request: dict) -> str:
     return value
 
 
+def _seconds(request: dict) -> float:
+    value = request.get("seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT_SECONDS:
+        raise RequestError(f"'seconds' must be a number from 0 to {MAX_WAIT_SECONDS}")
+    return value
+
+
+async def _wait(node: Node, transfer_id: str, seconds: float) -> dict:
+    """The transfer once it is in a final state, or as it is after `seconds`."""
+    row = find(node, transfer_id)
+    with trio.move_on_after(seconds):
+        while row["state"] not in FINAL_STATES:
+            await node.next_update()
+            row = find(node, transfer_id)
+    return describe(node, row, with_files=False)
+
+
 async def _dispatch(node: Node, request: dict) -> dict:
     op = request.get("op")
     if op == "ping":
@@ -121,6 +142,8 @@ async def _dispatch(node: Node, request: dict) -> dict:
         return {"transfer": describe(node, find(node, _id(request)), with_files=request.get("files", True) is not False)}
     if op == "status":
         return {"transfers": [describe(node, row) for row in node.store.all_transfers()]}
+    if op == "wait":
+        return {"transfer": await _wait(node, _id(request), _seconds(request))}
     if op == "cancel":
         row = find(node, _id(request))
         await cancel_transfer(node, row)

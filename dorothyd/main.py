@@ -15,13 +15,14 @@ import trio
 from ..keys.errors import KeysError
 from ..keys.identity import NodeIdentity
 from ..keys.truststore import TrustStore
+from .clock import iso_now, utc_now
 from .config import ConfigError, load_config
 from .control import run_control
 from .home import Home, resolve_home
 from .ledger import Ledger, LedgerError
 from .listener import run_listener
 from .logs import log, setup
-from .node import Node, iso_now, utc_now
+from .node import Node
 from .outbox import run_outbox
 from .store import Store
 from . import tuning

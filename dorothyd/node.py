@@ -5,7 +5,6 @@ The services (listener, control server, outbox) each get this object; none
 reaches into another's internals.
 """
 
-import datetime
 from dataclasses import dataclass, field
 
 import trio
@@ -19,14 +18,6 @@ from .ledger import Ledger
 from .logs import log
 from .note import NoteError, verify_checkpoint
 from .store import Store
-
-
-def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def iso_now() -> str:
-    return utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def node_key_bytes(node_key: NodeKey) -> bytes:
@@ -58,6 +49,20 @@ class Node:
     sender_hashers: dict[str, dict] = field(default_factory=dict)
     _ledger_lock: trio.Lock = field(default_factory=trio.Lock)
     _outbox_wakeup: trio.Event = field(default_factory=trio.Event)
+    _updated: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        self.store.on_update = self._transfer_updated
+
+    def _transfer_updated(self, transfer_id: str) -> None:
+        self._updated.set()
+        self._updated = trio.Event()
+
+    async def next_update(self) -> None:
+        """Return once any transfer's row changes (state, progress, error):
+        what lets `dorothy send --wait` return the moment a receipt is
+        recorded instead of at its next poll."""
+        await self._updated.wait()
 
     @property
     def node_key(self) -> NodeKey:

@@ -14,8 +14,9 @@ from ..keys.errors import KeysError
 from ..protocol.errors import ProtocolError
 from ..protocol.paths import quoted
 from .channel import ChannelClosed, connect
+from .clock import iso_now
 from .logs import log
-from .node import Node, Running, iso_now
+from .node import Node, Running
 from .sending import PermanentFailure, TransferAborted, deliver, notify_cancelled
 from .sources import SourceChanged
 

@@ -8,7 +8,7 @@ from ..keys.truststore import validate_peer_name
 from .config import parse_listen, render_config
 from .home import Home
 from .ledger import Ledger
-from .node import utc_now
+from .clock import utc_now
 
 
 class HomeExists(Exception):

@@ -8,8 +8,9 @@ import trio
 
 from ..protocol.manifest import manifest_hash, sign_manifest
 from ..protocol.paths import quoted
+from .clock import iso_now
 from .logs import log
-from .node import Node, iso_now, node_key_bytes
+from .node import Node, node_key_bytes
 from .sources import build_manifest, collect
 from .store import FINAL_STATES
 

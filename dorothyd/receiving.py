@@ -22,8 +22,9 @@ from ..protocol.receipt import ReceiptBody, sign_receipt
 from ..protocol.transfer import Aborted, Bitmap, Finalize, ReceiverMachine, WriteChunk
 from . import tuning
 from .channel import Channel
+from .clock import iso_now
 from .logs import log
-from .node import Node, Running, iso_now, node_key_bytes
+from .node import Node, Running, node_key_bytes
 from .storage import PartialFiles, hash_published, is_disk_full
 
 # Chunks are made durable (fdatasync, then recorded) at least this often:

@@ -20,9 +20,10 @@ from ..protocol.paths import quoted
 from ..protocol.transfer import Aborted, Bitmap, Delivered, SenderMachine
 from . import tuning
 from .channel import Channel
+from .clock import iso_now
 from .hashing import FileHasher
 from .logs import log
-from .node import Node, Running, iso_now
+from .node import Node, Running
 from .sources import SourceReader
 
 # Sealed records queued between the worker and the socket: enough to keep

@@ -6,8 +6,9 @@ listed as held only after its bytes were fsync'd (the caller's ordering).
 """
 
 import sqlite3
-from typing import NamedTuple
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
@@ -68,6 +69,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        # Called with a transfer's id after each update of its row: how the
+        # daemon wakes those waiting on a transfer (Node.next_update).
+        self.on_update: Callable[[str], None] = lambda transfer_id: None
 
     def close(self) -> None:
         self._db.close()
@@ -108,6 +112,7 @@ class Store:
         self._db.execute(
             f"UPDATE transfers SET {columns}, updated = ? WHERE id = ?", (*fields.values(), now, transfer_id)
         )
+        self.on_update(transfer_id)
 
     def set_file_sha256(self, transfer_id: str, digests: dict[int, bytes]) -> None:
         """Record file hashes, in one transaction (one fsync, however many files)."""

@@ -28,10 +28,11 @@ from msgpack import packb
 
 from dorothy.dorothyd import audit, storage
 from dorothy.dorothyd.channel import ChannelClosed, accept, initiate
+from dorothy.dorothyd.clock import iso_now
 from dorothy.dorothyd.home import Home
 from dorothy.dorothyd.main import load_node, serve
 from dorothy.dorothyd.provision import create_home
-from dorothy.dorothyd.node import Running, iso_now, node_key_bytes
+from dorothy.dorothyd.node import Running, node_key_bytes
 from dorothy.dorothyd.queueing import queue_transfer
 from dorothy.dorothyd.sending import deliver
 from dorothy.protocol import messages

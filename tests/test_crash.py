@@ -28,7 +28,7 @@ import pytest
 
 from dorothy.cli.localnodes import LocalNode
 from dorothy.dorothyd.ledger import Ledger
-from dorothy.dorothyd.node import utc_now
+from dorothy.dorothyd.clock import utc_now
 from dorothy.keys.identity import NodeIdentity
 
 from faultproxy import Faults

@@ -32,7 +32,7 @@ from dorothy.dorothyd import audit
 from dorothy.dorothyd.home import Home
 from dorothy.dorothyd.ledger import Ledger
 from dorothy.dorothyd.main import load_node
-from dorothy.dorothyd.node import utc_now
+from dorothy.dorothyd.clock import utc_now
 from dorothy.dorothyd.note import unverified_checkpoint
 from dorothy.dorothyd.queueing import queue_transfer
 from dorothy.keys.identity import NodeIdentity

@@ -1,0 +1,92 @@
+"""The control socket's `wait` request, and the CLI as a thin client of it.
+
+`dorothy send --wait` must return when the receipt is recorded, not at the
+next poll: these tests run on trio's MockClock, where virtual time moves
+only when every task is blocked, so an answer that needed a timer to fire
+shows up as time that passed."""
+
+import subprocess
+import sys
+
+import pytest
+import trio
+import trio.testing
+
+from dorothy.dorothyd.clock import iso_now
+from dorothy.dorothyd.control import MAX_WAIT_SECONDS, _dispatch
+from dorothy.dorothyd.queueing import RequestError
+
+TRANSFER = "ab" * 16
+
+
+def with_transfer(make_node, state="active"):
+    node = make_node("alpha")
+    node.store.add_transfer(
+        id=TRANSFER, direction="out", peer="bravo", peer_node_key="dnk1", state=state,
+        manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", b"/a.bin", 10, 0)], now=iso_now(),
+    )
+    return node
+
+
+@pytest.fixture
+def clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_wait_answers_the_moment_the_transfer_ends(make_node, clock):
+    node = with_transfer(make_node)
+    replies = []
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        async def waiter():
+            replies.append(await _dispatch(node, {"op": "wait", "id": TRANSFER, "seconds": MAX_WAIT_SECONDS}))
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        node.store.update(TRANSFER, iso_now(), bytes_done=5)  # progress alone does not end the wait
+        await trio.testing.wait_all_tasks_blocked()
+        assert replies == []
+        node.store.update(TRANSFER, iso_now(), state="done", bytes_done=10)
+    assert replies[0]["transfer"]["state"] == "done"
+    assert replies[0]["transfer"]["files"] is None
+    assert trio.current_time() == started  # no timer fired: answered on the update
+
+
+async def test_wait_gives_the_transfer_as_it_is_after_the_given_seconds(make_node, clock):
+    node = with_transfer(make_node)
+    started = trio.current_time()
+    reply = await _dispatch(node, {"op": "wait", "id": TRANSFER, "seconds": 7})
+    assert reply["transfer"]["state"] == "active"
+    assert trio.current_time() - started == pytest.approx(7)
+
+
+async def test_wait_on_a_finished_transfer_answers_at_once(make_node, clock):
+    node = with_transfer(make_node, state="failed")
+    started = trio.current_time()
+    reply = await _dispatch(node, {"op": "wait", "id": TRANSFER, "seconds": 30})
+    assert reply["transfer"]["state"] == "failed"
+    assert trio.current_time() == started
+
+
+@pytest.mark.parametrize("seconds", [-1, MAX_WAIT_SECONDS + 1, "5", True, None, float("nan")])
+async def test_wait_refuses_a_bad_duration_by_name(make_node, seconds):
+    node = with_transfer(make_node)
+    with pytest.raises(RequestError, match="'seconds' must be a number from 0 to"):
+        await _dispatch(node, {"op": "wait", "id": TRANSFER, "seconds": seconds})
+
+
+async def test_wait_for_an_unknown_transfer_names_it(make_node):
+    node = with_transfer(make_node)
+    with pytest.raises(RequestError, match="no transfer with id 'cd"):
+        await _dispatch(node, {"op": "wait", "id": "cd" * 16, "seconds": 1})
+
+
+def test_the_cli_does_not_load_the_daemon_event_loop():
+    """Every CLI command starts a Python process; trio's import alone was
+    half of that start-up (`python -X importtime`), and the CLI only speaks
+    JSON over a Unix socket."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, dorothy.cli.main; print('trio' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert loaded.stdout.strip() == "False"
