@@ -18,6 +18,7 @@ import trio
 import zstandard
 from nacl._sodium import ffi, lib
 
+from dorothy.dorothyd.storage import chunk_check
 from dorothy.protocol.compression import compress_if_smaller, decompress_exact
 
 from .data import random_block, text_blocks
@@ -94,6 +95,7 @@ def run(seconds: float = 0.5) -> dict:
     results = {
         "sha256": _rate(lambda: hashlib.sha256(noise).digest(), seconds),
         "crc32 (zlib)": _rate(lambda: zlib.crc32(noise), seconds),
+        "held-chunk check (aegis256 mac)": _rate(lambda: chunk_check(noise), seconds),
         "aegis256 seal, allocating (pynacl)": _rate(
             lambda: sodium.crypto_aead_aegis256_encrypt(noise, None, nonce32, key32), seconds
         ),

@@ -243,13 +243,13 @@ class Incoming:
         store.update(self.id, iso_now(), state="active", error=None)
         partial, have, self._done_bytes = await self._open_partial()
         self._bases = self.manifest.chunk_bases()
-        self._pending: list[tuple[int, int, int, int]] = []  # (file, index, slot, crc): written, not yet durable
+        self._pending: list[tuple[int, int, int, bytes]] = []  # (file, index, slot, check): written, not yet durable
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
-        # Chunks are written (copy, pwrite, SHA-256, CRC) in a worker thread
+        # Chunks are written (copy, pwrite, SHA-256, check) in a worker thread
         # while the event loop receives and decrypts the next ones; those
         # that arrive meanwhile are written together in the next hop, so a
         # folder of small files does not pay a thread hop per file.
@@ -324,11 +324,11 @@ class Incoming:
 
     async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Account for a finished batch of writes; flush when enough is pending."""
-        crcs = await writing.result()
-        for action, crc in zip(writing.actions, crcs):
+        checks = await writing.result()
+        for action, check in zip(writing.actions, checks):
             if not self._pending:
                 self._pending_since = trio.current_time()
-            self._pending.append((action.file, action.index, self._bases[action.file] + action.index, crc))
+            self._pending.append((action.file, action.index, self._bases[action.file] + action.index, check))
             self._pending_bytes += len(action.data)
         if (
             self._pending_bytes >= FLUSH_BYTES
@@ -343,7 +343,7 @@ class Incoming:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         await trio.to_thread.run_sync(partial.flush)
         self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
-        self.node.store.add_chunks(self.id, [(slot, crc) for _, _, slot, crc in pending], self._done_bytes, iso_now())
+        self.node.store.add_chunks(self.id, [(slot, check) for _, _, slot, check in pending], self._done_bytes, iso_now())
         for file, index, _, _ in pending:
             machine.chunk_durable(file, index)
         self._running.bytes_done = self._done_bytes

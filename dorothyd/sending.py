@@ -17,6 +17,7 @@ from ..protocol.compression import compress_if_smaller
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.manifest import open_manifest
 from ..protocol.paths import quoted
+from ..protocol.session import DATA_RECORD
 from ..protocol.transfer import Aborted, Bitmap, Delivered, SenderMachine
 from . import tuning
 from .channel import Channel
@@ -67,6 +68,9 @@ class Outgoing:
         # resumed transfer does not read again what it already hashed.
         self.hashers: dict[int, FileHasher] = node.sender_hashers.setdefault(self.id, {})
         self._sent = 0
+        # The one buffer chunk records are built in (by one worker thread at
+        # a time: _prepare and _whole_files never overlap for a transfer).
+        self._record = bytearray(len(DATA_RECORD) + messages.MAX_CHUNK_HEADER + manifest.chunk_size)
 
     async def run(self) -> Delivered:
         await self.channel.send(self.machine.offer())
@@ -214,16 +218,25 @@ class Outgoing:
 
     def _prepare(
         self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool, compress: bool
-    ) -> bytes | None:
+    ) -> bytearray | None:
         """Worker thread: read, hash, and (if the receiver lacks it) seal one
-        chunk, compressed if `compress` and that makes it smaller."""
-        offset = chunk * self.manifest.chunk_size
-        data = reader.read(offset, self.manifest.chunk_length(index, chunk))
+        chunk, compressed if `compress` and that makes it smaller. The chunk
+        is read straight into its record, after the message header, and
+        sealed from there: no copy of 1 MiB of its own, no fresh buffer."""
+        offset, length = chunk * self.manifest.chunk_size, self.manifest.chunk_length(index, chunk)
+        header = DATA_RECORD + messages.chunk_header(index, chunk, False, length)
+        record = memoryview(self._record)[: len(header) + length]
+        record[: len(header)] = header
+        data = record[len(header) :]
+        reader.read_into(offset, data)
         hasher.feed(offset, data)
         if not needed:
             return None
-        compressed, payload = compress_if_smaller(data) if compress else (False, data)
-        return self._seal(messages.Chunk(file=index, index=chunk, compressed=compressed, data=payload))
+        if compress:
+            compressed, payload = compress_if_smaller(data)
+            if compressed:
+                return self._seal(messages.Chunk(file=index, index=chunk, compressed=True, data=payload))
+        return self.channel.session.send_record(record)
 
 
 def _link_is_behind(out: trio.MemorySendChannel) -> bool:

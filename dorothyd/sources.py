@@ -131,11 +131,11 @@ class SourceReader:
         if (st.st_size, st.st_mtime_ns) != self._expected:
             raise SourceChanged(f"{quoted(self._path)} changed after it was queued (size or modification time differ)")
 
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` from `offset`: the chunk is read into place in the
+        record it travels in, with no copy of its own."""
+        if os.preadv(self.fd, [buffer], offset) != len(buffer):
             raise SourceChanged(f"{quoted(self._path)} became shorter while it was being sent")
-        return data
 
     def close(self) -> None:
         os.close(self.fd)

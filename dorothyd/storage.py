@@ -15,10 +15,10 @@ import errno
 import mmap
 import os
 import shutil
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+from ..protocol import aegis
 from .hashing import FileHasher
 
 # At most this many partial files stay open; the rest are reopened on demand.
@@ -56,11 +56,19 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def chunk_crc(data: bytes) -> int:
-    """The resume aid stored per chunk: it finds accidental damage to partial
-    data at chunk granularity. Deliberate tampering is caught later and
-    regardless by the end-to-end SHA-256 comparison."""
-    return zlib.crc32(data)
+# The check stored per held chunk: an AEGIS-256 MAC under a fixed, public
+# key and nonce, cut to CHECK_LEN bytes. It is no defence against tampering
+# (the end-to-end SHA-256 is); like a CRC, it finds accidental damage to
+# partial data at chunk granularity, but at AES-NI speed: 0.11 ms per MiB
+# against 0.33 for zlib's CRC-32, which ran in the receiver's busiest thread
+# (1 GiB with the CRC switched off: 312 against 291 MiB/s, medians of 5).
+CHECK_KEY = bytes(aegis.KEY_LEN)
+CHECK_NONCE = b"dorothy held-chunk check".ljust(aegis.NONCE_LEN, b"\x00")
+CHECK_LEN = 16
+
+
+def chunk_check(data) -> bytes:
+    return aegis.mac(data, CHECK_NONCE, CHECK_KEY)[:CHECK_LEN]
 
 
 class PartialFiles:
@@ -139,16 +147,16 @@ class PartialFiles:
         if hasher.offset == self._sizes[index]:
             self._digests[index] = self._hashers.pop(index).digest()
 
-    def write_batch(self, actions) -> list[int]:
+    def write_batch(self, actions) -> list[bytes]:
         """Write several WriteChunk actions (one worker-thread hop) and
-        return their CRCs. (Hashing in a second thread beside the writes was
+        return their checks. (Hashing in a second thread beside the writes was
         tried: no measurable gain, 299 against 314 MiB/s over three runs.)"""
-        crcs = []
+        checks = []
         for action in actions:
             self._write(action.file, action.offset, action.data)
             self._feed(action.file, action.offset, action.data)
-            crcs.append(chunk_crc(action.data))
-        return crcs
+            checks.append(chunk_check(action.data))
+        return checks
 
     def flush(self) -> None:
         """Make every write so far durable."""
@@ -165,9 +173,9 @@ class PartialFiles:
                 self._fd(index)
                 self._dirty.add(index)
 
-    def verify(self, chunks: dict[int, int], slots: list[tuple[int, int, int, int]]) -> list[int]:
+    def verify(self, chunks: dict[int, bytes], slots: list[tuple[int, int, int, int]]) -> list[int]:
         """Re-read chunks recorded as held; return the slots whose bytes no
-        longer match their CRC (damaged while we were down). `slots` lists
+        longer match their check (damaged while we were down). `slots` lists
         (slot, file, offset, length) in order, so the running SHA-256 of
         each file is rebuilt on the way."""
         damaged = []
@@ -176,7 +184,7 @@ class PartialFiles:
                 data = os.pread(self._fd(index), length, offset)
             except OSError:
                 data = b""
-            if len(data) != length or chunk_crc(data) != chunks[slot]:
+            if len(data) != length or chunk_check(data) != chunks[slot]:
                 damaged.append(slot)
             else:
                 self._feed(index, offset, data)

@@ -38,12 +38,15 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 BLOB,
     PRIMARY KEY (transfer_id, idx)
 );
-CREATE TABLE IF NOT EXISTS chunks (
+CREATE TABLE IF NOT EXISTS held_chunks (
     transfer_id TEXT NOT NULL,
     slot INTEGER NOT NULL,
-    crc INTEGER NOT NULL,
+    checksum BLOB NOT NULL,
     PRIMARY KEY (transfer_id, slot)
 ) WITHOUT ROWID;
+-- Earlier builds kept a CRC-32 per held chunk in `chunks`. Forgetting them
+-- costs only sending those chunks again; nothing finished is in this table.
+DROP TABLE IF EXISTS chunks;
 """
 
 ACTIVE_STATES = ("queued", "active", "waiting")
@@ -135,32 +138,32 @@ class Store:
         """At start: nothing is connected yet, so no transfer is active."""
         self._db.execute("UPDATE transfers SET state = 'waiting', updated = ? WHERE state = 'active'", (now,))
 
-    def chunks(self, transfer_id: str, after: int = -1, limit: int = -1) -> dict[int, int]:
-        """Held chunks, slot -> CRC, in slot order: those past slot `after`,
+    def chunks(self, transfer_id: str, after: int = -1, limit: int = -1) -> dict[int, bytes]:
+        """Held chunks, slot -> check (storage.chunk_check), in slot order: those past slot `after`,
         at most `limit` of them (-1: all)."""
         rows = self._db.execute(
-            "SELECT slot, crc FROM chunks WHERE transfer_id = ? AND slot > ? ORDER BY slot LIMIT ?",
+            "SELECT slot, checksum FROM held_chunks WHERE transfer_id = ? AND slot > ? ORDER BY slot LIMIT ?",
             (transfer_id, after, limit),
         )
         return dict(rows.fetchall())
 
-    def add_chunks(self, transfer_id: str, chunks: list[tuple[int, int]], bytes_done: int, now: str) -> None:
+    def add_chunks(self, transfer_id: str, chunks: list[tuple[int, bytes]], bytes_done: int, now: str) -> None:
         """Record chunks as verified and durable. Call only after their bytes
         were fsync'd."""
         with self._tx():
             self._db.executemany(
-                "INSERT OR REPLACE INTO chunks (transfer_id, slot, crc) VALUES (?,?,?)",
-                [(transfer_id, slot, crc) for slot, crc in chunks],
+                "INSERT OR REPLACE INTO held_chunks (transfer_id, slot, checksum) VALUES (?,?,?)",
+                [(transfer_id, slot, check) for slot, check in chunks],
             )
             self.update(transfer_id, now, bytes_done=bytes_done)
 
     def drop_chunks(self, transfer_id: str, slots: list[int] | None = None) -> None:
         if slots is None:
-            self._db.execute("DELETE FROM chunks WHERE transfer_id = ?", (transfer_id,))
+            self._db.execute("DELETE FROM held_chunks WHERE transfer_id = ?", (transfer_id,))
         else:
             with self._tx():
                 self._db.executemany(
-                    "DELETE FROM chunks WHERE transfer_id = ? AND slot = ?", [(transfer_id, s) for s in slots]
+                    "DELETE FROM held_chunks WHERE transfer_id = ? AND slot = ?", [(transfer_id, s) for s in slots]
                 )
 
 

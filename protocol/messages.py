@@ -81,7 +81,7 @@ def encode(message) -> bytes:
         case Accept():
             return pack({"t": "accept", "transfer_id": message.transfer_id, "have": message.have})
         case Chunk():
-            return pack({"t": "chunk", "f": message.file, "i": message.index, "z": message.compressed, "d": message.data})
+            return chunk_header(message.file, message.index, message.compressed, len(message.data)) + message.data
         case FileDone():
             return pack({"t": "file_done", "f": message.file, "sha256": message.sha256})
         case Done():
@@ -94,6 +94,67 @@ def encode(message) -> bytes:
             reason = message.reason[:MAX_REASON]
             return pack({"t": "abort", "code": message.code[:64], "reason": reason, "final": message.final})
     raise TypeError(f"not a message: {message!r}")
+
+
+# A chunk message is packed as the map {"t": "chunk", "f", "i", "z", "d"}, in
+# this order, with "d" last: its data can then be read into place after a
+# header built alone (the sender reads a chunk straight into the buffer it
+# seals), and taken from a received record as a view instead of a copy.
+_CHUNK_PREFIX = pack({"t": "chunk"})[1:]  # after the map header
+
+
+def _bin_header(length: int) -> bytes:
+    if length < 1 << 8:
+        return b"\xc4" + length.to_bytes(1, "big")
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
+def chunk_header(file: int, index: int, compressed: bool, length: int) -> bytes:
+    """encode(Chunk(...)) up to its data: the header plus `length` bytes of
+    data is the whole message."""
+    return b"".join((
+        b"\x85", _CHUNK_PREFIX, b"\xa1f", pack(file), b"\xa1i", pack(index),
+        b"\xa1z", b"\xc3" if compressed else b"\xc2", b"\xa1d", _bin_header(length),
+    ))
+
+
+MAX_CHUNK_HEADER = len(chunk_header(MAX_FILES - 1, MAX_TOTAL_CHUNKS - 1, True, MAX_CHUNK_SIZE))
+_UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_SIZES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _chunk_in_place(data) -> Chunk | None:
+    """A chunk message packed as chunk_header packs it, with its data as a
+    view of `data`; None for any other message or layout, which the generic
+    decoder then reads (and refuses with the precise reason if it must).
+    For the bytes it accepts, it returns what the generic decoder would."""
+    view = memoryview(data)
+    start = 1 + len(_CHUNK_PREFIX)
+    if view[:1] != b"\x85" or view[1:start] != _CHUNK_PREFIX:
+        return None
+    fields, position = [], start
+    for key, kind in ((b"\xa1f", _UINT_SIZES), (b"\xa1i", _UINT_SIZES), (b"\xa1z", None), (b"\xa1d", _BIN_SIZES)):
+        if view[position : position + 2] != key or len(view) < position + 3:
+            return None
+        marker, position = view[position + 2], position + 3
+        if kind is None:
+            if marker not in (0xC2, 0xC3):
+                return None
+            fields.append(marker == 0xC3)
+        elif kind is _UINT_SIZES and marker < 0x80:
+            fields.append(marker)
+        elif marker in kind:
+            size = kind[marker]
+            fields.append(int.from_bytes(view[position : position + size], "big"))
+            position += size
+        else:
+            return None
+    file, index, compressed, length = fields
+    if not (file < MAX_FILES and index < MAX_TOTAL_CHUNKS and length <= MAX_CHUNK_SIZE and length == len(view) - position):
+        return None
+    return Chunk(file=file, index=index, compressed=compressed, data=view[position:])
 
 
 def _decode_offer(f: Fields):
@@ -137,6 +198,10 @@ _DECODERS = {
 
 
 def decode(data: bytes):
+    return _chunk_in_place(data) or decode_generic(data)
+
+
+def decode_generic(data: bytes):
     fields = Fields(unpack(data, "message"), "message")
     kind = fields.str("t", max_len=32)
     decoder = _DECODERS.get(kind)

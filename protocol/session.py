@@ -24,17 +24,9 @@ from enum import Enum
 from hashlib import blake2b
 from typing import Callable
 
-import nacl.bindings
-from nacl._sodium import ffi
-from nacl._sodium import lib as sodium
-
-from . import noise
+from . import aegis, noise
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import HEADER_LEN, MAX_FRAME, MAX_HANDSHAKE_FRAME, FrameDecoder, encode_frame
-
-# sodium_init() is where libsodium picks its AES-NI AEGIS code; pynacl runs
-# it once (here explicitly, since RecordCipher calls the raw binding).
-nacl.bindings.sodium_init()
 
 MAGIC = b"DOROTHY"
 SUPPORTED_VERSIONS = (1,)
@@ -51,9 +43,10 @@ HANDSHAKE2_LEN = 32 + 16 + 1
 RECORD_DATA = 0
 RECORD_CLOSE = 1
 RECORD_CONFIRM = 2
+DATA_RECORD = bytes((RECORD_DATA,))  # what every data record starts with
 MAX_CLOSE_REASON = 1024  # bytes of UTF-8
-TAG_LEN = 32  # AEGIS-256 tag
-NONCE_LEN = 32  # AEGIS-256 nonce
+TAG_LEN = aegis.TAG_LEN
+NONCE_LEN = aegis.NONCE_LEN
 # Both sides replace their key after this many records in one direction. At
 # 1 MiB per record that is every 64 GiB: far below any nonce or key-usage
 # limit of AEGIS-256 (whose 256-bit nonces never wrap here), so a key in
@@ -100,13 +93,8 @@ def _prologue(preamble: bytes) -> bytes:
 
 class RecordCipher:
     """One direction of the transport: AEGIS-256, counter nonces, rekeying.
-
-    It calls libsodium through pynacl's raw binding (`nacl._sodium`, which
-    pynacl's own wrappers call) rather than `nacl.bindings`, because those
-    wrappers allocate a zeroed buffer and copy the result out of it on
-    every call: three passes over each 1 MiB record where one will do.
-    tests/test_session.py checks both give the same bytes.
-    """
+    Records are sealed straight into their frame and opened into one buffer
+    (protocol/aegis.py says why not through pynacl's public functions)."""
 
     def __init__(self, key: bytes, rekey_interval: int = REKEY_INTERVAL):
         self._key = key
@@ -121,20 +109,15 @@ class RecordCipher:
         if self._counter % self._rekey_interval == 0:
             self._key = blake2b(b"dorothy rekey", key=self._key, digest_size=32).digest()
 
-    def seal_frame(self, plaintext: bytes) -> bytearray:
-        """The frame carrying `plaintext` sealed: sealed straight into the
-        frame, after its length header."""
+    def seal_frame(self, plaintext) -> bytearray:
+        """The frame carrying `plaintext` (any buffer) sealed: sealed
+        straight into the frame, after its length header."""
         size = len(plaintext) + TAG_LEN
         if size > MAX_FRAME:
             raise LocalProtocolError(f"record of {size} bytes exceeds the {MAX_FRAME}-byte frame limit")
         frame = bytearray(HEADER_LEN + size)
         frame[:HEADER_LEN] = size.to_bytes(HEADER_LEN, "big")
-        out = ffi.from_buffer(frame, require_writable=True)
-        result = sodium.crypto_aead_aegis256_encrypt(
-            out + HEADER_LEN, ffi.NULL, plaintext, len(plaintext), ffi.NULL, 0, ffi.NULL, self._nonce(), self._key
-        )
-        if result != 0:
-            raise LocalProtocolError("AEGIS-256 encryption failed")
+        aegis.seal_into(frame, HEADER_LEN, plaintext, self._nonce(), self._key)
         self._advance()
         return frame
 
@@ -143,11 +126,7 @@ class RecordCipher:
         if len(ciphertext) < TAG_LEN:
             raise RemoteProtocolError(f"record of {len(ciphertext)} bytes is too short", code="bad_record")
         plaintext = bytearray(len(ciphertext) - TAG_LEN)
-        result = sodium.crypto_aead_aegis256_decrypt(
-            ffi.from_buffer(plaintext, require_writable=True), ffi.NULL, ffi.NULL,
-            ffi.from_buffer(ciphertext), len(ciphertext), ffi.NULL, 0, self._nonce(), self._key,
-        )
-        if result != 0:
+        if not aegis.open_into(plaintext, ciphertext, self._nonce(), self._key):
             raise RemoteProtocolError(
                 f"record {self._counter} failed authentication (tampered, reordered or replayed)",
                 code="decrypt_failed",
@@ -227,14 +206,22 @@ class Session:
         )
         return preamble + encode_frame(self._handshake.write_message(b""), MAX_HANDSHAKE_FRAME)
 
-    def send_message(self, data: bytes) -> bytes:
+    def send_message(self, data: bytes) -> bytearray:
         """Seal application data. The initiator may call this as soon as the
         handshake completes; its first record is the key confirmation."""
+        return self.send_record(DATA_RECORD + data)
+
+    def send_record(self, record) -> bytearray:
+        """Seal a data record the caller built itself: DATA_RECORD, then the
+        message (any buffer). It lets a sender read a chunk straight into
+        the buffer it is sealed from."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send application data in state {self.state.value}")
-        if len(data) > MAX_RECORD_PLAINTEXT:
-            raise LocalProtocolError(f"message of {len(data)} bytes exceeds {MAX_RECORD_PLAINTEXT}")
-        return self._send.seal_frame(bytes((RECORD_DATA,)) + data)
+        if record[:1] != DATA_RECORD:
+            raise LocalProtocolError("a data record starts with RECORD_DATA")
+        if len(record) - 1 > MAX_RECORD_PLAINTEXT:
+            raise LocalProtocolError(f"message of {len(record) - 1} bytes exceeds {MAX_RECORD_PLAINTEXT}")
+        return self._send.seal_frame(record)
 
     def close(self, reason: str = "done") -> bytes:
         """The authenticated close: without it, EOF reads as truncation."""

@@ -298,3 +298,62 @@ def test_field_out_of_bounds_is_refused_by_name(kind, name, value):
 def test_field_exactly_at_its_bound_is_accepted(kind, name, value):
     decoded = messages.decode(pack({**valid(kind), name: value}))
     assert value in (getattr(decoded, attr) for attr in decoded.__slots__)
+
+
+chunks = st.builds(
+    Chunk, file=file_index, index=st.integers(0, MAX_TOTAL_CHUNKS - 1), compressed=st.booleans(),
+    data=st.one_of(small_bytes, st.integers(0, 70000).map(bytes)),  # every bin header size
+)
+
+
+@FAST
+@given(chunks)
+def test_a_chunk_is_encoded_as_the_msgpack_map_spec_describes(chunk):
+    # The header is built alone so that a sender can read data into place:
+    # header + data must be exactly the map msgpack itself would pack.
+    expected = pack({"t": "chunk", "f": chunk.file, "i": chunk.index, "z": chunk.compressed, "d": chunk.data})
+    assert messages.encode(chunk) == expected
+    header = messages.chunk_header(chunk.file, chunk.index, chunk.compressed, len(chunk.data))
+    assert header + chunk.data == expected and len(header) <= messages.MAX_CHUNK_HEADER
+
+
+@FAST
+@given(chunks)
+def test_a_received_chunk_is_a_view_of_the_record_not_a_copy(chunk):
+    record = bytearray(messages.encode(chunk))
+    decoded = messages.decode(memoryview(record))
+    assert decoded == chunk
+    assert isinstance(decoded.data, memoryview) and decoded.data.obj is record
+
+
+def _outcome(decode, data):
+    try:
+        return decode(data)
+    except RemoteProtocolError as exc:
+        return exc.code
+
+
+@settings(max_examples=500, deadline=None)
+@given(chunks, st.data())
+def test_the_in_place_chunk_decoder_agrees_with_the_generic_one_on_any_damage(chunk, draw):
+    """Whatever a peer sends that starts like a chunk, decode() and the
+    generic msgpack decoder give the same message or the same refusal."""
+    data = bytearray(messages.encode(chunk))
+    for _ in range(draw.draw(st.integers(1, 3))):
+        action = draw.draw(st.sampled_from(["flip", "cut", "extend"]))
+        if action == "flip" and data:
+            data[draw.draw(st.integers(0, min(len(data), 60) - 1))] ^= draw.draw(st.integers(1, 255))
+        elif action == "cut":
+            del data[draw.draw(st.integers(0, len(data))):]
+        else:
+            data += draw.draw(st.binary(min_size=1, max_size=3))
+    assert _outcome(messages.decode, bytes(data)) == _outcome(messages.decode_generic, bytes(data))
+
+
+@pytest.mark.parametrize("field, value", [("f", MAX_FILES), ("i", MAX_TOTAL_CHUNKS), ("f", -1), ("i", (1 << 64) - 1)])
+def test_a_chunk_field_out_of_bounds_is_refused_by_name_on_either_path(field, value):
+    fields = {"t": "chunk", "f": 0, "i": 0, "z": False, "d": b"x"}
+    fields[field] = value
+    with pytest.raises(RemoteProtocolError) as info:
+        messages.decode(pack(fields))
+    assert repr(field) in str(info.value)

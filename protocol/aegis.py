@@ -1,0 +1,56 @@
+"""AEGIS-256 through libsodium's raw binding (`nacl._sodium`, which pynacl's
+own wrappers call).
+
+pynacl's public functions take only `bytes`, and allocate a zeroed buffer and
+copy the result out of it on every call: three passes over each 1 MiB record
+where one will do, and a copy of any view before it can be authenticated.
+These write into the caller's buffer and read any buffer in place.
+tests/test_aegis.py checks that they give exactly pynacl's bytes.
+"""
+
+import nacl.bindings
+from nacl._sodium import ffi
+from nacl._sodium import lib as sodium
+
+# sodium_init() is where libsodium picks its AES-NI AEGIS code; pynacl runs
+# it once on import (here explicitly, since nothing below goes through pynacl).
+nacl.bindings.sodium_init()
+
+KEY_LEN = 32
+NONCE_LEN = 32
+TAG_LEN = 32
+
+
+def seal_into(out: bytearray, offset: int, plaintext, nonce: bytes, key: bytes) -> None:
+    """Write the ciphertext of `plaintext` and its tag into `out` at `offset`
+    (len(plaintext) + TAG_LEN bytes)."""
+    if len(out) - offset < len(plaintext) + TAG_LEN:
+        raise ValueError("output buffer too small")
+    target = ffi.from_buffer(out, require_writable=True) + offset
+    if sodium.crypto_aead_aegis256_encrypt(
+        target, ffi.NULL, ffi.from_buffer(plaintext), len(plaintext), ffi.NULL, 0, ffi.NULL, nonce, key
+    ) != 0:
+        raise ValueError("AEGIS-256 encryption failed")
+
+
+def open_into(out: bytearray, ciphertext, nonce: bytes, key: bytes) -> bool:
+    """Decrypt `ciphertext` (with its tag) into `out`, which must hold
+    len(ciphertext) - TAG_LEN bytes; False if it does not authenticate."""
+    if len(ciphertext) < TAG_LEN or len(out) < len(ciphertext) - TAG_LEN:
+        raise ValueError("ciphertext too short or output buffer too small")
+    return sodium.crypto_aead_aegis256_decrypt(
+        ffi.from_buffer(out, require_writable=True), ffi.NULL, ffi.NULL,
+        ffi.from_buffer(ciphertext), len(ciphertext), ffi.NULL, 0, nonce, key,
+    ) == 0
+
+
+def mac(data, nonce: bytes, key: bytes) -> bytes:
+    """The AEGIS-256 tag of an empty message with `data` as associated data:
+    AEGIS used as a MAC, at AES-NI speed and without writing a byte of output
+    beyond the tag."""
+    tag = ffi.new("unsigned char[]", TAG_LEN)
+    if sodium.crypto_aead_aegis256_encrypt(
+        tag, ffi.NULL, ffi.NULL, 0, ffi.from_buffer(data), len(data), ffi.NULL, nonce, key
+    ) != 0:
+        raise ValueError("AEGIS-256 failed")
+    return bytes(ffi.buffer(tag, TAG_LEN))

@@ -1,0 +1,48 @@
+"""protocol/aegis.py calls libsodium's raw binding; what it computes must be
+exactly what pynacl's public AEGIS-256 function gives for the same input."""
+
+import nacl.bindings
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dorothy.protocol import aegis
+
+keys = st.binary(min_size=aegis.KEY_LEN, max_size=aegis.KEY_LEN)
+nonces = st.binary(min_size=aegis.NONCE_LEN, max_size=aegis.NONCE_LEN)
+FAST = settings(max_examples=200, deadline=None)
+
+
+@FAST
+@given(keys, nonces, st.binary(max_size=3000), st.integers(0, 40), st.sampled_from([bytes, bytearray, memoryview]))
+def test_seal_and_open_in_place_match_pynacl(key, nonce, plaintext, offset, kind):
+    expected = nacl.bindings.crypto_aead_aegis256_encrypt(plaintext, None, nonce, key)
+    out = bytearray(b"\xee" * (offset + len(expected) + 5))
+    aegis.seal_into(out, offset, kind(plaintext), nonce, key)
+    assert out[offset : offset + len(expected)] == expected
+    assert out[:offset] == b"\xee" * offset and out[-5:] == b"\xee" * 5  # nothing written outside
+    opened = bytearray(len(plaintext))
+    assert aegis.open_into(opened, memoryview(out)[offset : offset + len(expected)], nonce, key)
+    assert opened == plaintext
+
+
+@FAST
+@given(keys, nonces, st.binary(min_size=1, max_size=3000), st.data())
+def test_open_refuses_any_changed_byte(key, nonce, plaintext, data):
+    sealed = bytearray(nacl.bindings.crypto_aead_aegis256_encrypt(plaintext, None, nonce, key))
+    position = data.draw(st.integers(0, len(sealed) - 1))
+    sealed[position] ^= data.draw(st.integers(1, 255))
+    assert not aegis.open_into(bytearray(len(plaintext)), sealed, nonce, key)
+
+
+@FAST
+@given(keys, nonces, st.binary(min_size=1, max_size=3000))
+def test_mac_is_the_tag_of_an_empty_message_with_the_data_as_associated_data(key, nonce, data):
+    assert aegis.mac(memoryview(data), nonce, key) == nacl.bindings.crypto_aead_aegis256_encrypt(b"", data, nonce, key)
+
+
+def test_a_short_output_buffer_is_refused_not_overrun():
+    with pytest.raises(ValueError):
+        aegis.seal_into(bytearray(40), 10, b"x", bytes(32), bytes(32))
+    with pytest.raises(ValueError):
+        aegis.open_into(bytearray(0), bytes(40), bytes(32), bytes(32))
