@@ -177,8 +177,8 @@ def _durable_bytes(node: LocalNode, transfer_id: str) -> int | None:
 
 def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) -> dict:
     """SIGKILL bravo once half the file is durable there, start it again,
-    and time what the restart costs: bravo re-reads every held chunk (CRC
-    check, SHA-256 prefix rebuilt) before it answers the offer."""
+    and time what the restart costs: bravo re-reads every held chunk (its
+    check compared, SHA-256 prefix rebuilt) before it answers the offer."""
     size = path.stat().st_size
     with Pair(work, "resume-restart", retry=FAST_RETRY) as nodes:
         proxy = FaultProxy((nodes.bravo.host, nodes.bravo.port))

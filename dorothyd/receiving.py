@@ -429,6 +429,7 @@ class Incoming:
                 },
             )
         node.store.update(self.id, iso_now(), state="done", bytes_done=manifest.total_bytes, error=None)
+        node.store.drop_chunks(self.id)  # a done transfer answers from its receipt, never from these
         checkpoint = await node.checkpoint()
         await self.channel.send(messages.Receipt(receipt=receipt, checkpoint=checkpoint))
         log.info("incoming transfer %s complete: %d files verified, receipt sent", self.id, len(files))

@@ -68,9 +68,7 @@ class Outgoing:
         # resumed transfer does not read again what it already hashed.
         self.hashers: dict[int, FileHasher] = node.sender_hashers.setdefault(self.id, {})
         self._sent = 0
-        # The one buffer chunk records are built in (by one worker thread at
-        # a time: _prepare and _whole_files never overlap for a transfer).
-        self._record = bytearray(len(DATA_RECORD) + messages.MAX_CHUNK_HEADER + manifest.chunk_size)
+        self._record: bytearray | None = None  # see _send_all
 
     async def run(self) -> Delivered:
         await self.channel.send(self.machine.offer())
@@ -87,14 +85,20 @@ class Outgoing:
 
     async def _send_all(self, have: Bitmap) -> None:
         self.running.bytes_done = _held_bytes(self.manifest, have)
+        # The one buffer chunk records are built in, by one worker thread at
+        # a time (_prepare and _whole_files never overlap for a transfer).
+        self._record = bytearray(len(DATA_RECORD) + messages.MAX_CHUNK_HEADER + self.manifest.chunk_size)
         send_side, receive_side = trio.open_memory_channel(WINDOW)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._produce, send_side)
-            async with receive_side:
-                async for frame in receive_side:
-                    await self.channel.send_raw(frame)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._produce, send_side)
+                async with receive_side:
+                    async for frame in receive_side:
+                        await self.channel.send_raw(frame)
+        finally:
+            self._record = None
 
-    def _seal(self, message) -> bytes:
+    def _seal(self, message) -> bytearray:
         return self.channel.session.send_message(messages.encode(message))
 
     async def _produce(self, out: trio.MemorySendChannel) -> None:
@@ -221,8 +225,8 @@ class Outgoing:
     ) -> bytearray | None:
         """Worker thread: read, hash, and (if the receiver lacks it) seal one
         chunk, compressed if `compress` and that makes it smaller. The chunk
-        is read straight into its record, after the message header, and
-        sealed from there: no copy of 1 MiB of its own, no fresh buffer."""
+        is read straight into the record buffer, after its message header,
+        and sealed from there into its frame: no copy of its own."""
         offset, length = chunk * self.manifest.chunk_size, self.manifest.chunk_length(index, chunk)
         header = DATA_RECORD + messages.chunk_header(index, chunk, False, length)
         record = memoryview(self._record)[: len(header) + length]

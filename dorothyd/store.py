@@ -44,9 +44,6 @@ CREATE TABLE IF NOT EXISTS held_chunks (
     checksum BLOB NOT NULL,
     PRIMARY KEY (transfer_id, slot)
 ) WITHOUT ROWID;
--- Earlier builds kept a CRC-32 per held chunk in `chunks`. Forgetting them
--- costs only sending those chunks again; nothing finished is in this table.
-DROP TABLE IF EXISTS chunks;
 """
 
 ACTIVE_STATES = ("queued", "active", "waiting")
@@ -72,12 +69,27 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        self._forget_crc_chunks()
         # Called with a transfer's id after each update of its row: how the
         # daemon wakes those waiting on a transfer (Node.next_update).
         self.on_update: Callable[[str], None] = lambda transfer_id: None
 
     def close(self) -> None:
         self._db.close()
+
+    def _forget_crc_chunks(self) -> None:
+        """Earlier builds kept a CRC-32 per held chunk, in a table `chunks`.
+        Those chunks are forgotten, so they are fetched again, and the
+        progress of unfinished incoming transfers restarts from zero to say
+        so; nothing finished depends on them."""
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks'").fetchone():
+            with self._tx():
+                self._db.execute(
+                    "UPDATE transfers SET bytes_done = 0 WHERE direction = 'in'"
+                    f" AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})",
+                    FINAL_STATES,
+                )
+                self._db.execute("DROP TABLE chunks")
 
     def _tx(self):
         return _Transaction(self._db)

@@ -21,9 +21,17 @@ NONCE_LEN = 32
 TAG_LEN = 32
 
 
+def _check(nonce: bytes, key: bytes) -> None:
+    # libsodium reads NONCE_LEN and KEY_LEN bytes from these pointers
+    # whatever their length: pynacl checks this, so must we.
+    if len(nonce) != NONCE_LEN or len(key) != KEY_LEN:
+        raise ValueError(f"AEGIS-256 takes a {NONCE_LEN}-byte nonce and a {KEY_LEN}-byte key")
+
+
 def seal_into(out: bytearray, offset: int, plaintext, nonce: bytes, key: bytes) -> None:
     """Write the ciphertext of `plaintext` and its tag into `out` at `offset`
     (len(plaintext) + TAG_LEN bytes)."""
+    _check(nonce, key)
     if len(out) - offset < len(plaintext) + TAG_LEN:
         raise ValueError("output buffer too small")
     target = ffi.from_buffer(out, require_writable=True) + offset
@@ -36,6 +44,7 @@ def seal_into(out: bytearray, offset: int, plaintext, nonce: bytes, key: bytes) 
 def open_into(out: bytearray, ciphertext, nonce: bytes, key: bytes) -> bool:
     """Decrypt `ciphertext` (with its tag) into `out`, which must hold
     len(ciphertext) - TAG_LEN bytes; False if it does not authenticate."""
+    _check(nonce, key)
     if len(ciphertext) < TAG_LEN or len(out) < len(ciphertext) - TAG_LEN:
         raise ValueError("ciphertext too short or output buffer too small")
     return sodium.crypto_aead_aegis256_decrypt(
@@ -48,6 +57,7 @@ def mac(data, nonce: bytes, key: bytes) -> bytes:
     """The AEGIS-256 tag of an empty message with `data` as associated data:
     AEGIS used as a MAC, at AES-NI speed and without writing a byte of output
     beyond the tag."""
+    _check(nonce, key)
     tag = ffi.new("unsigned char[]", TAG_LEN)
     if sodium.crypto_aead_aegis256_encrypt(
         tag, ffi.NULL, ffi.NULL, 0, ffi.from_buffer(data), len(data), ffi.NULL, nonce, key

@@ -39,7 +39,7 @@ class Chunk:
     file: int
     index: int
     compressed: bool
-    data: bytes
+    data: bytes | memoryview  # received: a view of the decrypted record
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,7 +129,8 @@ def _chunk_in_place(data) -> Chunk | None:
     """A chunk message packed as chunk_header packs it, with its data as a
     view of `data`; None for any other message or layout, which the generic
     decoder then reads (and refuses with the precise reason if it must).
-    For the bytes it accepts, it returns what the generic decoder would."""
+    For the bytes it accepts, it returns what the generic decoder would,
+    but with the data as a memoryview instead of bytes."""
     view = memoryview(data)
     start = 1 + len(_CHUNK_PREFIX)
     if view[:1] != b"\x85" or view[1:start] != _CHUNK_PREFIX:

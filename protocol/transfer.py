@@ -88,7 +88,7 @@ class WriteChunk:
     file: int
     index: int
     offset: int
-    data: bytes
+    data: bytes | memoryview  # a view of the received record, unless decompressed
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,17 @@ def test_mac_is_the_tag_of_an_empty_message_with_the_data_as_associated_data(key
     assert aegis.mac(memoryview(data), nonce, key) == nacl.bindings.crypto_aead_aegis256_encrypt(b"", data, nonce, key)
 
 
+@pytest.mark.parametrize("nonce, key", [(bytes(31), bytes(32)), (bytes(32), bytes(33)), (b"", b"")])
+def test_a_nonce_or_key_of_the_wrong_length_is_refused_not_read_past(nonce, key):
+    for call in (
+        lambda: aegis.seal_into(bytearray(64), 0, b"x", nonce, key),
+        lambda: aegis.open_into(bytearray(8), bytes(40), nonce, key),
+        lambda: aegis.mac(b"x", nonce, key),
+    ):
+        with pytest.raises(ValueError, match="32-byte nonce and a 32-byte key"):
+            call()
+
+
 def test_a_short_output_buffer_is_refused_not_overrun():
     with pytest.raises(ValueError):
         aegis.seal_into(bytearray(40), 10, b"x", bytes(32), bytes(32))

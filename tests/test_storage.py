@@ -57,16 +57,20 @@ def test_an_earlier_state_db_forgets_its_crc_rows_and_keeps_its_transfers(tmp_pa
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE chunks (transfer_id TEXT, slot INTEGER, crc INTEGER, PRIMARY KEY (transfer_id, slot))")
     db.execute("INSERT INTO chunks VALUES ('t', 0, 12345)")
-    db.execute(
-        "INSERT INTO transfers (id, direction, peer, peer_node_key, state, manifest, manifest_hash, bytes_total,"
-        " created, updated) VALUES ('t', 'in', 'alpha', 'k', 'waiting', x'', x'', 10, 'c', 'u')"
-    )
+    for transfer_id, state in (("t", "waiting"), ("d", "done")):
+        db.execute(
+            "INSERT INTO transfers (id, direction, peer, peer_node_key, state, manifest, manifest_hash, bytes_total,"
+            " bytes_done, created, updated) VALUES (?, 'in', 'alpha', 'k', ?, x'', x'', 10, 7, 'c', 'u')",
+            (transfer_id, state),
+        )
     db.commit()
     db.close()
     store = Store(path)
     try:
         assert store.get("t")["state"] == "waiting"
         assert store.chunks("t") == {}  # fetched again instead of checked against a CRC
+        assert store.get("t")["bytes_done"] == 0  # and its progress says so
+        assert store.get("d")["bytes_done"] == 7  # a finished transfer is untouched
         store.add_chunks("t", [(0, b"c" * CHECK_LEN)], 5, "now")
         assert store.chunks("t") == {0: b"c" * CHECK_LEN}
     finally:

@@ -124,6 +124,7 @@ def assert_delivered(sender, receiver, files, transfer_id):
     received = {f.path: f.sha256 for f in receiver.store.files(transfer_id)}
     assert received == {rel: hashlib.sha256(data).digest() for rel, data in files.items()}
     assert not (receiver.home.partial_dir / transfer_id).exists()
+    assert receiver.store.chunks(transfer_id) == {}  # held-chunk rows go with the partial files
     for node in (sender, receiver):
         result = audit.verify_ledger(node.home.ledger_dir / "ledger.bin", node.node_key.sign_public)
         assert result.ok, result
