@@ -114,9 +114,9 @@ async def _connect_and(node: Node, row, job) -> None:
 
 async def _classify(node: Node, row, cause: BaseException, original: BaseException) -> None:
     """Decide between retrying later and failing for good."""
+    if node.running[row["id"]].cancelled_by_operator:
+        return  # the control server recorded the cancellation; whatever this attempt ran into, it stands
     if isinstance(cause, trio.Cancelled):
-        if node.running[row["id"]].cancelled_by_operator:
-            return  # the control server recorded the cancellation
         raise original
     if isinstance(cause, TransferAborted) and cause.aborted.final:
         state = "cancelled" if cause.aborted.code == "cancelled" else "failed"

@@ -107,12 +107,15 @@ async def cancel_transfer(node: Node, row) -> None:
     # connection (see outbox), so that it drops its partial copy.
     notify = 1 if row["direction"] == "out" and row["state"] != "queued" else 0
     node.store.update(row["id"], iso_now(), state="cancelled", error="cancelled by operator", notify_peer=notify)
-    fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": row["direction"], "by": "operator"}
-    await node.record("transfer_cancelled", fields)
+    # Stop a running attempt before anything here awaits: an attempt that
+    # fails meanwhile (a refused connection) would otherwise record its own
+    # state, "waiting", over the operator's cancellation.
     running = node.running.get(row["id"])
     if running is not None:
         running.cancelled_by_operator = True
         running.cancel_scope.cancel()
+    fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": row["direction"], "by": "operator"}
+    await node.record("transfer_cancelled", fields)
     if row["direction"] == "in":
         node.store.drop_chunks(row["id"])
         if running is None:

@@ -12,9 +12,13 @@ import pytest
 import trio
 import trio.testing
 
+from dorothy.dorothyd import outbox
 from dorothy.dorothyd.clock import iso_now
 from dorothy.dorothyd.control import MAX_WAIT_SECONDS, _dispatch
-from dorothy.dorothyd.queueing import RequestError
+from dorothy.dorothyd.node import Running
+from dorothy.dorothyd.queueing import RequestError, cancel_transfer, queue_transfer
+
+from conftest import introduce
 
 TRANSFER = "ab" * 16
 
@@ -79,6 +83,27 @@ async def test_wait_for_an_unknown_transfer_names_it(make_node):
     node = with_transfer(make_node)
     with pytest.raises(RequestError, match="no transfer with id 'cd"):
         await _dispatch(node, {"op": "wait", "id": "cd" * 16, "seconds": 1})
+
+
+async def test_a_cancellation_stands_when_the_running_attempt_fails_meanwhile(make_node, tmp_path):
+    alpha, bravo = make_node("alpha"), make_node("bravo")
+    introduce(alpha, bravo)
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"x" * 100)
+    transfer_id = await queue_transfer(alpha, "bravo", [str(source)])
+    alpha.running[transfer_id] = Running(trio.CancelScope())
+    alpha.store.update(transfer_id, iso_now(), state="active")
+    row = alpha.store.get(transfer_id)
+    record = alpha.record
+
+    async def attempt_fails_while_the_cancellation_is_recorded(event, fields):
+        refused = OSError(111, "Connection refused")
+        await outbox._classify(alpha, row, refused, refused)
+        await record(event, fields)
+
+    alpha.record = attempt_fails_while_the_cancellation_is_recorded
+    await cancel_transfer(alpha, row)
+    assert alpha.store.get(transfer_id)["state"] == "cancelled"
 
 
 def test_the_cli_does_not_load_the_daemon_event_loop():
