@@ -19,8 +19,8 @@ RATE_LIMITED_PEERS = ("scp", "rsync-z")
 QUICK = {"size_mib": 4, "small_files": 200, "runs": 1, "ratelimited_mib": 4, "micro_seconds": 0.1, "quiet_max": 0}
 
 NOTES = [
-    "Dorothy's time is `dorothy send --wait` from start to exit: CLI start-up (~0.3 s of Python imports) and "
-    "its 0.2 s status polling are included; the receipt it waits for comes after the receiver fsync'd and "
+    "Dorothy's time is `dorothy send --wait` from start to exit, CLI start-up (~0.15 s of Python) included; "
+    "it returns when the daemon records the receipt, which comes after the receiver fsync'd and "
     "SHA-256-verified every file. scp and rsync do not fsync: 'sync after s' is what flushing their "
     "output took after they exited.",
     "Dorothy RSS is VmHWM of each daemon (rewound before each run); scp/rsync RSS is the summed RSS of the "
