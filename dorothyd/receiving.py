@@ -54,6 +54,16 @@ def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, in
     return layout
 
 
+def _make_durable(partial: PartialFiles) -> None:
+    """Worker thread: flush the partial files, then hand freed chunk buffers
+    back to the system. Without the trim, heap fragmentation let the peak
+    creep with the transfer's length (4 GiB: receiver 55-58 MiB against
+    50-56 for 1 GiB); with it, 50-52 against 49-50, at no measurable speed
+    cost. It runs at most every 64 MiB (FLUSH_BYTES)."""
+    partial.flush()
+    tuning.release_free_memory()
+
+
 # Errors a retry cannot cure: the sender is told the transfer failed for
 # good (and stops retrying) instead of seeing a dropped connection. Damage in
 # transit shows up as decrypt_failed or truncated instead, and is retried.
@@ -341,7 +351,7 @@ class Incoming:
         if not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        await trio.to_thread.run_sync(partial.flush)
+        await trio.to_thread.run_sync(_make_durable, partial)
         self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
         self.node.store.add_chunks(self.id, [(slot, check) for _, _, slot, check in pending], self._done_bytes, iso_now())
         for file, index, _, _ in pending:
