@@ -17,7 +17,7 @@ from .channel import ChannelClosed, connect
 from .clock import iso_now
 from .logs import log
 from .node import Node, Running
-from .sending import PermanentFailure, TransferAborted, deliver, notify_cancelled
+from .sending import PermanentFailure, TransferAborted, deliver, notify_ended
 from .sources import SourceChanged
 
 IDLE_POLL_SECONDS = 30.0
@@ -71,16 +71,18 @@ async def _attempt(node: Node, transfer_id: str, scope: trio.CancelScope) -> Non
     try:
         with scope:
             row = store.get(transfer_id)
-            cancelling = row["state"] == "cancelled"
-            if not cancelling:
+            # Only an ended transfer the peer must still hear of is pending
+            # in a final state (Store.pending_outgoing).
+            telling = row["state"] in ("cancelled", "failed")
+            if not telling:
                 store.update(transfer_id, iso_now(), state="active", attempts=row["attempts"] + 1)
             try:
-                if cancelling:
-                    await _connect_and(node, row, lambda peer, channel: notify_cancelled(node, row, peer, channel))
+                if telling:
+                    await _connect_and(node, row, lambda peer, channel: notify_ended(node, row, peer, channel))
                 else:
                     await _connect_and(node, row, lambda peer, channel: deliver(node, row, peer, running, channel))
             except BaseException as exc:
-                if cancelling:
+                if telling:
                     await _retry_notice(node, row, first_leaf(exc), exc)
                 else:
                     await _classify(node, row, first_leaf(exc), exc)
@@ -121,9 +123,15 @@ async def _classify(node: Node, row, cause: BaseException, original: BaseExcepti
     if isinstance(cause, TransferAborted) and cause.aborted.final:
         state = "cancelled" if cause.aborted.code == "cancelled" else "failed"
         return await _end(node, row, state, f"receiver: {cause.aborted.reason}")
-    if isinstance(cause, (PermanentFailure, SourceChanged)):
+    source_changed = isinstance(cause, SourceChanged) or (
+        isinstance(cause, ProtocolError) and cause.code == "source_changed"
+    )
+    if source_changed:
+        # The receiver may hold part of it: tell it (outbox, fresh connection).
+        return await _end(node, row, "failed", str(cause), notify_peer=True)
+    if isinstance(cause, PermanentFailure):
         return await _end(node, row, "failed", str(cause))
-    if isinstance(cause, ProtocolError) and cause.code in ("source_changed", "bad_receipt", "bad_signature"):
+    if isinstance(cause, ProtocolError) and cause.code in ("bad_receipt", "bad_signature"):
         return await _end(node, row, "failed", str(cause))
     if isinstance(cause, (OSError, trio.TooSlowError, trio.BrokenResourceError, ProtocolError, ChannelClosed, TransferAborted)):
         attempts = row["attempts"] + 1
@@ -146,7 +154,7 @@ async def _retry_notice(node: Node, row, cause: BaseException, original: BaseExc
     delay = backoff(attempts, node.config.retry_initial_seconds, node.config.retry_max_seconds)
     node.store.update(row["id"], iso_now(), attempts=attempts)
     node.retry_at[row["id"]] = trio.current_time() + delay
-    log.info("transfer %s: cannot tell %s of the cancellation yet (%s)", row["id"], row["peer"], _describe(cause))
+    log.info("transfer %s: cannot tell %s it is %s yet (%s)", row["id"], row["peer"], row["state"], _describe(cause))
 
 
 def _describe(cause: BaseException) -> str:
@@ -159,8 +167,8 @@ def _describe(cause: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-async def _end(node: Node, row, state: str, error: str) -> None:
-    node.store.update(row["id"], iso_now(), state=state, error=error)
+async def _end(node: Node, row, state: str, error: str, *, notify_peer: bool = False) -> None:
+    node.store.update(row["id"], iso_now(), state=state, error=error, notify_peer=int(notify_peer))
     node.sender_hashers.pop(row["id"], None)
     event = "transfer_cancelled" if state == "cancelled" else "transfer_failed"
     fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": "out"}

@@ -271,10 +271,13 @@ async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channe
     await _record_delivery(node, row, peer, delivered)
 
 
-async def notify_cancelled(node: Node, row, peer: Peer, channel: Channel) -> None:
-    """Tell the receiver that a transfer it may hold partially is cancelled:
-    offer it, then abort. (Not in-band on the cancelled connection: a
-    cancelled send can leave half a record on the wire.)"""
+async def notify_ended(node: Node, row, peer: Peer, channel: Channel) -> None:
+    """Tell the receiver that a transfer it may hold partially is over:
+    cancelled by our operator, or failed here for good (a source changed).
+    Offer it, then abort, so the receiver drops its partial copy. (Not
+    in-band on the attempt that ended: a cancelled send can leave half a
+    record on the wire, and records sealed but never sent leave the
+    record counter behind.)"""
     manifest, manifest_hash = open_manifest(row["manifest"])
     machine = SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
     await channel.send(machine.offer())
@@ -282,11 +285,15 @@ async def notify_cancelled(node: Node, row, peer: Peer, channel: Channel) -> Non
     if isinstance(reply, Delivered):
         # The receiver completed before the cancellation reached it: the
         # evidence did arrive, and the ledger must say so.
-        log.warning("transfer %s was delivered before its cancellation reached %s", row["id"], peer.name)
+        log.warning("transfer %s was delivered before its end reached %s", row["id"], peer.name)
         await _record_delivery(node, row, peer, reply)
-        node.store.update(row["id"], iso_now(), error="delivered before the cancellation reached the peer")
+        node.store.update(row["id"], iso_now(), error=f"delivered before the peer learnt it was {row['state']}")
     elif isinstance(reply, Bitmap):
-        await channel.send(messages.Abort(code="cancelled", reason="cancelled by the sending operator", final=True))
+        if row["state"] == "cancelled":
+            abort = messages.Abort(code="cancelled", reason="cancelled by the sending operator", final=True)
+        else:
+            abort = messages.Abort(code="failed", reason=f"failed at the sender: {row['error']}", final=True)
+        await channel.send(abort)
     elif not reply.final:
         raise TransferAborted(reply)  # busy: try again later
     node.store.update(row["id"], iso_now(), notify_peer=0)

@@ -9,12 +9,13 @@ import pytest
 import trio
 import trio.testing
 
-from dorothy.dorothyd import audit
+from dorothy.dorothyd import audit, outbox
 from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import queue_transfer
 from dorothy.dorothyd.receiving import Incoming
-from dorothy.dorothyd.sending import deliver
+from dorothy.dorothyd.sending import deliver, notify_ended
+from dorothy.dorothyd.sources import SourceChanged
 
 from conftest import introduce
 
@@ -47,8 +48,9 @@ class CutAfter(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
-async def attempt(sender, receiver, transfer_id, *, cut_sender=None, cut_receiver=None):
-    """One connection: returns (frames sent by the sender, by the receiver, errors)."""
+async def attempt(sender, receiver, transfer_id, *, cut_sender=None, cut_receiver=None, job=deliver):
+    """One connection on which the sender runs `job` (deliver, or
+    notify_ended): returns (frames sent by the sender, by the receiver, errors)."""
     a, b = trio.testing.memory_stream_pair()
     sent_s, sent_r, errors = [], [], []
     a, b = CutAfter(a, cut_sender, sent_s), CutAfter(b, cut_receiver, sent_r)
@@ -60,7 +62,10 @@ async def attempt(sender, receiver, transfer_id, *, cut_sender=None, cut_receive
             channel = await initiate(a, sender.identity, receiver.node_key.dh_public, idle_timeout=30)
             row = sender.store.get(transfer_id)
             try:
-                await deliver(sender, row, peer_of_receiver, Running(trio.CancelScope()), channel)
+                if job is deliver:
+                    await deliver(sender, row, peer_of_receiver, Running(trio.CancelScope()), channel)
+                else:
+                    await job(sender, row, peer_of_receiver, channel)
             finally:
                 await channel.close()
         except Exception as exc:  # noqa: BLE001 - the test inspects every outcome
@@ -189,3 +194,29 @@ async def test_cut_at_every_message_boundary_resumes_to_identical_bytes(make_nod
         # Everything that arrived before the cut was kept: no chunk travels
         # twice (a cut exactly at a boundary leaves none half-sent).
         assert chunk_frames(first_s) + chunk_frames(second_s) == 6, f"cut at {side} frame {cut}"
+
+
+async def test_a_source_that_changes_fails_the_transfer_at_both_ends(make_node, tmp_path):
+    """The receiver holds part of it when the sender finds a source changed:
+    the sender fails it for good and tells the receiver on a fresh
+    connection, which then fails it too and keeps nothing."""
+    sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
+    last = sender.store.files(transfer_id)[-1]
+    with open(os.fsdecode(last.source), "ab") as f:
+        f.write(b" altered after it was queued")
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    changed = [leaf for leaf in map(outbox.first_leaf, errors) if isinstance(leaf, SourceChanged)]
+    assert changed, errors
+    assert len(receiver.store.chunks(transfer_id)) > 0  # it got what came before
+    sender.running[transfer_id] = Running(trio.CancelScope())
+    await outbox._classify(sender, sender.store.get(transfer_id), changed[0], changed[0])
+    failed = sender.store.get(transfer_id)
+    assert failed["state"] == "failed" and failed["notify_peer"] == 1
+    _, _, errors = await attempt(sender, receiver, transfer_id, job=notify_ended)
+    assert errors == []
+    assert sender.store.get(transfer_id)["notify_peer"] == 0
+    got = receiver.store.get(transfer_id)
+    assert got["state"] == "failed" and "changed after it was queued" in got["error"]
+    assert not (receiver.home.partial_dir / transfer_id).exists()
+    assert receiver.store.chunks(transfer_id) == {}
+    assert not (receiver.home.inbox_dir / "alpha" / transfer_id).exists()
