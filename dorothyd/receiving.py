@@ -32,8 +32,9 @@ from .storage import PartialFiles, hash_published, is_disk_full
 FLUSH_BYTES = 64 << 20
 FLUSH_CHUNKS = 256
 FLUSH_SECONDS = 1.0
-# Held chunks re-verified per worker-thread hop after a restart (1 GiB of
-# reading at 1 MiB chunks), and what bounds the slot list kept meanwhile.
+# Held chunks re-verified per worker-thread hop after a restart (2 GiB of
+# reading at the default 2 MiB chunks), and what bounds the slot list kept
+# meanwhile.
 VERIFY_PAGE = 1024
 # Chunks queued behind a running write before the receiver stops reading:
 # the back-pressure that bounds its memory.
