@@ -32,6 +32,11 @@ class Running:
     cancel_scope: trio.CancelScope
     bytes_done: int = 0
     cancelled_by_operator: bool = False
+    # Set once the transfer is being completed or failed for good (receipt,
+    # publication, ledger records): an operator's cancel is refused from
+    # then on, since it could only race the ending and leave the state db
+    # and the ledger telling different stories.
+    ending: bool = False
 
 
 @dataclass

@@ -117,7 +117,10 @@ async def _connect_and(node: Node, row, job) -> None:
 async def _classify(node: Node, row, cause: BaseException, original: BaseException) -> None:
     """Decide between retrying later and failing for good."""
     if node.running[row["id"]].cancelled_by_operator:
-        return  # the control server recorded the cancellation; whatever this attempt ran into, it stands
+        # The control server recorded the cancellation, and it stands.
+        if not isinstance(cause, trio.Cancelled):
+            log.warning("transfer %s: cancelled while its attempt failed: %s", row["id"], _describe(cause))
+        return
     if isinstance(cause, trio.Cancelled):
         raise original
     if isinstance(cause, TransferAborted) and cause.aborted.final:

@@ -103,6 +103,9 @@ async def cancel_transfer(node: Node, row) -> None:
     the peer, and partial incoming data is removed."""
     if row["state"] in FINAL_STATES:
         raise RequestError(f"transfer {row['id']} is already {row['state']}")
+    running = node.running.get(row["id"])
+    if running is not None and running.ending:
+        raise RequestError(f"transfer {row['id']} is ending right now; see 'dorothy status {row['id']}'")
     # An outgoing cancellation is also delivered to the peer, on a fresh
     # connection (see outbox), so that it drops its partial copy.
     notify = 1 if row["direction"] == "out" and row["state"] != "queued" else 0
@@ -110,7 +113,6 @@ async def cancel_transfer(node: Node, row) -> None:
     # Stop a running attempt before anything here awaits: an attempt that
     # fails meanwhile (a refused connection) would otherwise record its own
     # state, "waiting", over the operator's cancellation.
-    running = node.running.get(row["id"])
     if running is not None:
         running.cancelled_by_operator = True
         running.cancel_scope.cancel()

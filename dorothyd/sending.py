@@ -20,7 +20,7 @@ from ..protocol.paths import quoted
 from ..protocol.session import DATA_RECORD
 from ..protocol.transfer import Aborted, Bitmap, Delivered, SenderMachine
 from . import tuning
-from .channel import Channel
+from .channel import Channel, ChannelClosed
 from .clock import iso_now
 from .hashing import FileHasher
 from .logs import log
@@ -268,6 +268,7 @@ async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channe
     """Run one attempt over `channel`; on success the delivery is in the
     ledger and the state db before this returns."""
     delivered = await Outgoing(node, channel, peer, row, running).run()
+    running.ending = True
     await _record_delivery(node, row, peer, delivered)
 
 
@@ -294,9 +295,21 @@ async def notify_ended(node: Node, row, peer: Peer, channel: Channel) -> None:
         else:
             abort = messages.Abort(code="failed", reason=f"failed at the sender: {row['error']}", final=True)
         await channel.send(abort)
+        await _closed_after_abort(channel)
     elif not reply.final:
         raise TransferAborted(reply)  # busy: try again later
     node.store.update(row["id"], iso_now(), notify_peer=0)
+
+
+async def _closed_after_abort(channel: Channel) -> None:
+    """The receiver closes the session once it has acted on a final abort:
+    only that tells us it did (an abort still in a buffer when the
+    connection drops never arrived, and the notice must be sent again)."""
+    try:
+        message = await channel.receive()
+    except ChannelClosed:
+        return
+    raise RemoteProtocolError(f"the receiver answered an abort with {type(message).__name__}", code="unexpected_message")
 
 
 async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) -> None:

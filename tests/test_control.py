@@ -106,6 +106,25 @@ async def test_a_cancellation_stands_when_the_running_attempt_fails_meanwhile(ma
     assert alpha.store.get(transfer_id)["state"] == "cancelled"
 
 
+@pytest.mark.parametrize("direction", ["out", "in"])
+async def test_a_transfer_that_is_ending_cannot_be_cancelled(make_node, direction):
+    """Between a verified receipt (or the receiver's finalization) and the
+    final state, a cancel could only race the ending: it is refused, and
+    nothing is written."""
+    node = make_node("alpha")
+    node.store.add_transfer(
+        id=TRANSFER, direction=direction, peer="bravo", peer_node_key="dnk1", state="active",
+        manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", b"/a.bin", 10, 0)], now=iso_now(),
+    )
+    node.running[TRANSFER] = Running(trio.CancelScope(), ending=True)
+    records = node.ledger.size
+    with pytest.raises(RequestError, match="is ending right now"):
+        await _dispatch(node, {"op": "cancel", "id": TRANSFER})
+    assert node.store.get(TRANSFER)["state"] == "active"
+    assert not node.running[TRANSFER].cancel_scope.cancel_called
+    assert node.ledger.size == records  # no transfer_cancelled
+
+
 def test_the_cli_does_not_load_the_daemon_event_loop():
     """Every CLI command starts a Python process; trio's import alone was
     half of that start-up (`python -X importtime`), and the CLI only speaks

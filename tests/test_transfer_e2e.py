@@ -212,6 +212,10 @@ async def test_a_source_that_changes_fails_the_transfer_at_both_ends(make_node, 
     await outbox._classify(sender, sender.store.get(transfer_id), changed[0], changed[0])
     failed = sender.store.get(transfer_id)
     assert failed["state"] == "failed" and failed["notify_peer"] == 1
+    # The receiver's close is what tells the sender the abort was acted on:
+    # cut before it, and the notice stays due.
+    _, _, errors = await attempt(sender, receiver, transfer_id, job=notify_ended, cut_receiver=2)
+    assert errors and sender.store.get(transfer_id)["notify_peer"] == 1
     _, _, errors = await attempt(sender, receiver, transfer_id, job=notify_ended)
     assert errors == []
     assert sender.store.get(transfer_id)["notify_peer"] == 0
