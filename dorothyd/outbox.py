@@ -18,7 +18,7 @@ from .clock import iso_now
 from .logs import log
 from .node import Node, Running
 from .sending import PermanentFailure, TransferAborted, deliver, notify_ended
-from .sources import SourceChanged
+from .sources import SourceChanged, SourceUnavailable
 
 IDLE_POLL_SECONDS = 30.0
 
@@ -161,6 +161,8 @@ async def _retry_notice(node: Node, row, cause: BaseException, original: BaseExc
 
 
 def _describe(cause: BaseException) -> str:
+    if isinstance(cause, SourceUnavailable):
+        return f"source unavailable, will retry: {cause.strerror}"
     if isinstance(cause, trio.TooSlowError):
         return "peer did not answer in time"
     if isinstance(cause, OSError):

@@ -7,6 +7,7 @@ special files are refused rather than followed or skipped: evidence should
 not silently change shape on the way.
 """
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -26,6 +27,16 @@ class SourceError(Exception):
 
 class SourceChanged(Exception):
     """A source file changed after it was queued; sending it would deliver a mix."""
+
+
+class SourceUnavailable(OSError):
+    """A source could not be opened or read for a reason that may pass (too
+    many open files, an I/O error): the attempt is retried, not failed."""
+
+
+# Opening fails for good only when the file is gone, is no longer a plain
+# file we may read, or a symbolic link took its place (O_NOFOLLOW).
+_CHANGED_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM})
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,9 @@ class SourceReader:
         try:
             self.fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise SourceChanged(f"{quoted(path)}: cannot open: {exc.strerror}") from None
+            if exc.errno in _CHANGED_ERRNOS:
+                raise SourceChanged(f"{quoted(path)}: cannot open: {exc.strerror}") from None
+            raise SourceUnavailable(exc.errno, f"{quoted(path)}: cannot open: {exc.strerror}") from None
         self.check()
 
     def check(self) -> None:
@@ -134,7 +147,11 @@ class SourceReader:
     def read_into(self, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` from `offset`: the chunk is read into place in the
         record it travels in, with no copy of its own."""
-        if os.preadv(self.fd, [buffer], offset) != len(buffer):
+        try:
+            read = os.preadv(self.fd, [buffer], offset)
+        except OSError as exc:
+            raise SourceUnavailable(exc.errno, f"{quoted(self._path)}: cannot read: {exc.strerror}") from None
+        if read != len(buffer):
             raise SourceChanged(f"{quoted(self._path)} became shorter while it was being sent")
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 of two in-process nodes, with the connection cut at every message boundary
 in each direction, each run resuming to identical bytes."""
 
+import errno
 import hashlib
 import os
 
@@ -9,13 +10,13 @@ import pytest
 import trio
 import trio.testing
 
-from dorothy.dorothyd import audit, outbox
+from dorothy.dorothyd import audit, outbox, sources
 from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import queue_transfer
 from dorothy.dorothyd.receiving import Incoming
 from dorothy.dorothyd.sending import deliver, notify_ended
-from dorothy.dorothyd.sources import SourceChanged
+from dorothy.dorothyd.sources import SourceChanged, SourceReader, SourceUnavailable
 
 from conftest import introduce
 
@@ -224,3 +225,34 @@ async def test_a_source_that_changes_fails_the_transfer_at_both_ends(make_node, 
     assert not (receiver.home.partial_dir / transfer_id).exists()
     assert receiver.store.chunks(transfer_id) == {}
     assert not (receiver.home.inbox_dir / "alpha" / transfer_id).exists()
+
+
+def test_a_source_that_cannot_be_opened_for_now_is_not_a_changed_source(tmp_path, monkeypatch):
+    """Too many open files or an I/O error may pass; a deleted file will not."""
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"evidence")
+    st, name = source.stat(), os.fsencode(source)
+    real_open = os.open
+
+    def too_many_open_files(path, *args, **kwargs):
+        if path == name:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources.os, "open", too_many_open_files)
+    with pytest.raises(SourceUnavailable):
+        SourceReader(name, st.st_size, st.st_mtime_ns, "a.bin")
+    monkeypatch.undo()
+    source.unlink()
+    with pytest.raises(SourceChanged):
+        SourceReader(name, st.st_size, st.st_mtime_ns, "a.bin")
+
+
+async def test_an_unavailable_source_leaves_the_transfer_waiting_for_a_retry(make_node, tmp_path):
+    sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
+    sender.running[transfer_id] = Running(trio.CancelScope())
+    cause = SourceUnavailable(errno.EIO, "'case/a.bin': cannot read: Input/output error")
+    await outbox._classify(sender, sender.store.get(transfer_id), cause, cause)
+    row = sender.store.get(transfer_id)
+    assert row["state"] == "waiting" and row["notify_peer"] == 0
+    assert row["error"] == "source unavailable, will retry: 'case/a.bin': cannot read: Input/output error"
