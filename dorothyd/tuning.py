@@ -10,6 +10,13 @@ The price is that freed chunk buffers stay in the heap after a transfer,
 where Python's own small objects (which come from separate arenas) cannot
 use them; `release_free_memory` hands them back once a transfer's data has
 passed.
+
+All threads share one malloc arena. glibc gives worker threads arenas of
+their own (up to 8 per core), and what a transfer freed in one stays
+resident there while the next transfer's thread allocates in another: five
+10,000-file transfers in a row crept from 64 to 71 MiB peak RSS at the
+receiver; with one arena they stayed at 65, at the same speed (1 GiB,
+five alternating runs: 312 against 296 MiB/s median, within the noise).
 """
 
 import ctypes
@@ -17,6 +24,7 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 64 << 20
 TRIM_THRESHOLD = 256 << 20
 
@@ -33,6 +41,7 @@ def apply() -> None:
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        _LIBC.mallopt(M_ARENA_MAX, 1)
 
 
 def release_free_memory() -> None:
