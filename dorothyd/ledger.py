@@ -27,9 +27,9 @@ from datetime import datetime
 from pathlib import Path
 
 import msgpack
-import nacl.exceptions
 import nacl.signing
 
+from ..keys import ed25519
 from . import merkle
 from .note import Checkpoint, checkpoint_origin, format_utc, parse_utc, sign_note, unverified_checkpoint
 
@@ -114,7 +114,7 @@ class Record:
     fields: dict
     prev: bytes
     sig: bytes
-    body: bytes  # the exact signed bytes
+    body: memoryview  # the exact signed bytes, in place in `payload`
     payload: bytes  # the exact stored bytes, without the length prefix
     offset: int | None = None
 
@@ -159,6 +159,30 @@ def _unpack(data: bytes) -> object:
     return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, timestamp=0)
 
 
+# A payload is msgpack [bin body, bin sig] in its one shortest spelling:
+# 0x92, the body as bin 8, 16 or 32 (the shortest that fits), then the
+# signature as bin 8. Marker -> (length bytes, the least length it may carry).
+_BODY_HEADERS = {0xC4: (1, 0), 0xC5: (2, 1 << 8), 0xC6: (4, 1 << 16)}
+_SIGNATURE_HEADER = bytes([0xC4, SIGNATURE_SIZE])
+
+
+def _split_envelope(payload: bytes) -> tuple[memoryview, bytes]:
+    """A payload's body and signature. The body is a view, not a copy: a
+    record listing a large folder is megabytes."""
+    header = _BODY_HEADERS.get(payload[1]) if len(payload) > 1 and payload[0] == 0x92 else None
+    if header is None:
+        raise ValueError("payload is not [bin body, 64-byte bin sig]")
+    width, least = header
+    start = 2 + width
+    size = int.from_bytes(payload[2:start], "big")
+    end = start + size
+    if payload[end : end + 2] != _SIGNATURE_HEADER or len(payload) != end + 2 + SIGNATURE_SIZE:
+        raise ValueError("payload is not [bin body, 64-byte bin sig]")
+    if size < least:
+        raise ValueError("payload is not canonically encoded")
+    return memoryview(payload)[start:end], payload[end + 2 :]
+
+
 def decode_record(payload: bytes, offset: int | None = None) -> Record:
     """A record's structure, strictly; RecordError(MALFORMED) otherwise.
     Neither its signature nor its place in the chain is checked here.
@@ -167,14 +191,7 @@ def decode_record(payload: bytes, offset: int | None = None) -> Record:
     what they decode to, so a record has one spelling: a map with a repeated
     key, say, which decoders resolve differently, is refused."""
     try:
-        envelope = _unpack(payload)
-        if not (type(envelope) is list and len(envelope) == 2):
-            raise ValueError("payload is not a [body, sig] pair")
-        body, sig = envelope
-        if type(body) is not bytes or type(sig) is not bytes or len(sig) != SIGNATURE_SIZE:
-            raise ValueError("payload is not [bin body, 64-byte bin sig]")
-        if msgpack.packb(envelope, use_bin_type=True) != payload:
-            raise ValueError("payload is not canonically encoded")
+        body, sig = _split_envelope(payload)
         content = _unpack(body)
         if type(content) is not dict or tuple(content) != BODY_KEYS:
             raise ValueError(f"body is not a map with keys {', '.join(BODY_KEYS)} in that order")
@@ -198,10 +215,8 @@ def decode_record(payload: bytes, offset: int | None = None) -> Record:
 
 
 def check_signature(record: Record, verify_key: nacl.signing.VerifyKey) -> None:
-    try:
-        verify_key.verify(SIGNATURE_DOMAIN + record.body, record.sig)
-    except nacl.exceptions.BadSignatureError as exc:
-        raise RecordError(BAD_SIGNATURE, f"record {record.seq}", record.offset, record.end) from exc
+    if not ed25519.verify(verify_key.encode(), record.sig, SIGNATURE_DOMAIN, record.body):
+        raise RecordError(BAD_SIGNATURE, f"record {record.seq}", record.offset, record.end)
 
 
 def link_error(record: Record, expected_seq: int, expected_prev: bytes) -> str | None:
@@ -496,9 +511,11 @@ class Ledger:
         except ValueError as exc:
             raise LedgerError(f"the clock gave a bad time: {exc}") from exc
         body = {"seq": self._next_seq, "time": time, "event": event, "fields": fields, "prev": self._prev}
-        encoded = msgpack.packb(body, use_bin_type=True)
-        payload = msgpack.packb([encoded, self._signer.sign(SIGNATURE_DOMAIN + encoded)], use_bin_type=True)
-        del encoded  # a record of 10,000 files is megabytes: keep one copy at a time
+        # A record of 10,000 files is megabytes: keep one copy at a time.
+        signed = SIGNATURE_DOMAIN + msgpack.packb(body, use_bin_type=True)
+        signature = self._signer.sign(signed)
+        payload = msgpack.packb([memoryview(signed)[len(SIGNATURE_DOMAIN) :], signature], use_bin_type=True)
+        del signed
         if len(payload) > MAX_RECORD_BYTES:
             raise LedgerError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
         # Read back what we are about to write, as any reader will: a signer

@@ -28,6 +28,7 @@ import nacl.secret
 import nacl.signing
 import nacl.utils
 
+from . import ed25519
 from .errors import KeysError, quoted
 from .fileutil import create_new_file, read_guarded_file
 from .nodekey import NodeKey
@@ -75,7 +76,7 @@ class NodeIdentity:
     fingerprint does, so an identity can be logged safely.
     """
 
-    __slots__ = ("_signing_key", "_dh_private", "_node_key")
+    __slots__ = ("_signing_key", "_secret_key", "_dh_private", "_node_key")
 
     def __init__(self, signing_key: nacl.signing.SigningKey, dh_private: bytes):
         if not isinstance(signing_key, nacl.signing.SigningKey):
@@ -83,6 +84,7 @@ class NodeIdentity:
         if not isinstance(dh_private, bytes) or len(dh_private) != DH_PRIVATE_BYTES:
             raise TypeError(f"dh_private must be {DH_PRIVATE_BYTES} bytes")
         self._signing_key = signing_key
+        self._secret_key = ed25519.secret_key(signing_key.encode())
         self._dh_private = dh_private
         dh_public = nacl.public.PrivateKey(dh_private).public_key.encode()
         self._node_key = NodeKey(signing_key.verify_key.encode(), dh_public)
@@ -108,7 +110,7 @@ class NodeIdentity:
 
     def sign(self, message: bytes) -> bytes:
         """The 64-byte detached Ed25519 signature of `message`."""
-        return self._signing_key.sign(message).signature
+        return ed25519.sign(self._secret_key, message)
 
     def __repr__(self) -> str:
         return f"<NodeIdentity fingerprint {self._node_key.fingerprint()!r}>"

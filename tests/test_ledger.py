@@ -457,6 +457,45 @@ def test_non_canonical_records_are_malformed_even_when_signed():
         assert caught.value.reason == ledger_mod.MALFORMED
 
 
+
+def _split_generically(payload: bytes) -> tuple[bytes, bytes] | None:
+    """What the envelope means to any msgpack decoder, held to its one spelling."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    shaped = type(obj) is list and len(obj) == 2 and all(type(part) is bytes for part in obj) and len(obj[1]) == 64
+    return (obj[0], obj[1]) if shaped and msgpack.packb(obj, use_bin_type=True) == payload else None
+
+
+@st.composite
+def envelopes(draw):
+    """Payloads near the canonical one: every body header width against
+    lengths on either side of its limits, wrong signature sizes, extra or
+    missing bytes, and arbitrary bytes."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=80))
+    size = draw(st.sampled_from([0, 1, 200, 255, 256, 300, 65535, 65536]))
+    marker, width = draw(st.sampled_from([(0xC4, 1), (0xC5, 2), (0xC6, 4), (0xD9, 1), (0xC7, 1)]))
+    claimed = (size + draw(st.sampled_from([0, 0, 0, -1, 1]))) % (1 << (8 * width))
+    sig_size = draw(st.sampled_from([64, 64, 63, 65]))
+    tail = draw(st.sampled_from([b"", b"", b"\x00"]))
+    first = draw(st.sampled_from([b"\x92", b"\x92", b"\x93", b"\xdc\x00\x02"]))
+    body = draw(st.binary(min_size=min(size, 8), max_size=min(size, 8))).ljust(size, b"\x07")
+    return first + bytes([marker]) + claimed.to_bytes(width, "big") + body + bytes([0xC4, sig_size]) + bytes(sig_size) + tail
+
+
+@settings(max_examples=400, deadline=None)
+@given(envelopes())
+def test_envelope_is_split_in_place_exactly_as_decoders_read_it(payload):
+    expected = _split_generically(payload)
+    try:
+        body, sig = ledger_mod._split_envelope(payload)
+    except ValueError:
+        assert expected is None
+    else:
+        assert (bytes(body), sig) == expected
+
 # --- checkpoints and proofs -------------------------------------------------
 
 def test_checkpoints_are_signed_stored_and_stable(tmp_path):
