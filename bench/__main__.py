@@ -97,7 +97,7 @@ def run_throughput(args, sets: dict, sshd, work: Path, stack: contextlib.ExitSta
     tools = {}
     if "dorothy" in args.peers:
         nodes = stack.enter_context(dorothy_runs.Pair(work, "throughput"))
-        tools["dorothy"] = lambda path, dest: nodes.timed_send(path)
+        tools["dorothy"] = lambda path, dest: nodes.timed_send(path, keep_in=dest)
     if sshd:
         for tool in args.peers:
             if tool != "dorothy":

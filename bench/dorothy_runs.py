@@ -77,15 +77,19 @@ class Pair:
         except ClientError:
             return None
 
-    def timed_send(self, path: Path) -> dict:
-        """One measured `dorothy send --wait`; the received copy is then removed."""
+    def timed_send(self, path: Path, keep_in: Path | None = None) -> dict:
+        """One measured `dorothy send --wait`; the received copy is then
+        moved into `keep_in` (for the caller to delete later) or removed."""
         result = run_command(self.send_command(path), self.groups(), client="cli")
         transfer_id = None
         if result["rc"] == 0:
             transfer_id = json.loads(result["stdout"])["id"]
             received = self.inbox(transfer_id) / path.name
             result["received"] = tree_size(received) if received.is_dir() else (1, received.stat().st_size)
-            shutil.rmtree(self.inbox(transfer_id), ignore_errors=True)
+            if keep_in is None:
+                shutil.rmtree(self.inbox(transfer_id), ignore_errors=True)
+            else:
+                self.inbox(transfer_id).rename(keep_in / transfer_id)
         result["transfer_id"] = transfer_id
         return result
 

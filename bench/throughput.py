@@ -72,9 +72,15 @@ def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, qu
     rows = []
     for dataset in datasets:
         warm(str(dataset.path))
+        # The copies of a folder are deleted after its last run, not between
+        # runs: ext4 without a journal avoids reusing recently freed inodes,
+        # and searching past the 10,000 a run had just freed was half of the
+        # next run's receiver CPU (perf: recently_deleted under ext4_create),
+        # whichever tool that was. It costs disk space for runs x tools copies.
+        kept = []
         for run in range(1, runs + 1):
             for tool, send in tools.items():
-                dest = dest_root / tool
+                dest = dest_root / tool / f"run-{run}"
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
                 timed_sync()
@@ -85,13 +91,18 @@ def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, qu
                 row["busy_before"] = round(busy, 2)
                 row["sync_after_s"] = raw["sync_after_s"]
                 rows.append(row)
-                shutil.rmtree(dest, ignore_errors=True)
+                if dataset.files > 1:
+                    kept.append(dest)
+                else:
+                    shutil.rmtree(dest, ignore_errors=True)
                 rate = f"{row['MiB_s']:7.1f} MiB/s" + (f" {row['files_s']:7.0f} files/s" if dataset.files > 1 else "")
                 log(
                     f"  {dataset.scenario:6s} run {run} {tool:8s} {rate}  wall {row['wall_s']:6.2f}s  "
                     f"RSS {row['rss_sender_MiB']}/{row['rss_receiver_MiB']} MiB  "
                     f"CPU {row['cpu_sender_s']}/{row['cpu_receiver_s']} s  others {row['others_cpu_s']}s  ok={row['ok']}"
                 )
+        for dest in kept:
+            shutil.rmtree(dest, ignore_errors=True)
     return rows
 
 
