@@ -97,10 +97,12 @@ def _walk(root: str, name: str) -> list[Source]:
         for dirname in dirnames:
             if os.path.islink(os.path.join(directory, dirname)):
                 raise SourceError(f"{_shown(os.path.join(directory, dirname))}: symbolic links are not sent")
+        # One relpath per directory, not per file: it was half of walking 10,000 files.
+        prefix = os.path.relpath(directory, root).replace(os.sep, "/")
+        prefix = name if prefix == "." else f"{name}/{prefix}"
         for filename in sorted(filenames):
             absolute = os.path.join(directory, filename)
-            relative = os.path.relpath(absolute, root).replace(os.sep, "/")
-            found.append(_entry(f"{name}/{relative}", absolute, os.lstat(absolute)))
+            found.append(_entry(f"{prefix}/{filename}", absolute, os.lstat(absolute)))
     return found
 
 
