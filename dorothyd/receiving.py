@@ -448,3 +448,4 @@ class Incoming:
         checkpoint = await node.checkpoint()
         await self.channel.send(messages.Receipt(receipt=receipt, checkpoint=checkpoint))
         log.info("incoming transfer %s complete: %d files verified, receipt sent", self.id, len(files))
+        await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes: see tuning

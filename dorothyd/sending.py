@@ -344,3 +344,4 @@ async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) ->
     await node.keep_peer_checkpoint(peer, delivered.checkpoint)
     await node.checkpoint()  # our own tree head too: history a crash cannot cut
     log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)
+    await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes: see tuning
