@@ -321,11 +321,12 @@ async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) ->
             raise RemoteProtocolError(f"receipt for {quoted(entry.path)}, which was never sent", code="bad_receipt")
         if entry.sha256 != digest:
             raise PermanentFailure(f"receipt SHA-256 for {quoted(entry.path)} differs from the source's")
+    delivered_files = [
+        {"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)
+    ]
+    del files  # megabytes for a large folder, and the record needs as much again
     # Recorded already if a crash came between the ledger and the state db.
     if not await node.recorded("transfer_delivered", row["id"]):
-        delivered_files = [
-            {"path": f.path, "size": f.size, "sha256": d.hex()} for f, d in zip(files, delivered.receipt.file_sha256)
-        ]
         await node.record(
             "transfer_delivered",
             {
