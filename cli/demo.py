@@ -14,6 +14,7 @@ from ..keys.nodekey import NodeKey
 from ..protocol.paths import escape
 from ..protocol.receipt import open_receipt
 from .localnodes import dorothy, pair
+from .transfers import FINAL_STATES
 
 
 def _make_folder(root: Path) -> Path:
@@ -57,7 +58,7 @@ def demo(keep):
         result = alpha.run("send", "bravo", folder, "--json", "--wait")
         transfer_id = json.loads(result.stdout)["id"]
         sent = alpha.status(transfer_id)
-        received = bravo.wait_state(transfer_id, ("done", "failed", "cancelled"))
+        received = bravo.wait_state(transfer_id, FINAL_STATES)
         click.echo(f"   alpha: {sent['state']}  bravo: {received['state']}  ({sent['bytes_total']} bytes)")
         click.echo("== receipt (signed by bravo, verified by alpha; checked again here)")
         bravo_key = NodeKey.decode(bravo.node_key())

@@ -10,6 +10,8 @@ from ..protocol.paths import escape
 from .client import call
 from .common import emit, existing_home, home_option
 
+# The states a transfer never leaves (SPEC 7): the daemon's store.FINAL_STATES,
+# spelled out here so that the client need not import the daemon.
 FINAL_STATES = ("done", "failed", "cancelled")
 # --wait asks the daemon to answer when the transfer ends (a `wait` request,
 # at most WAIT_SECONDS at a time), or after REDRAW_SECONDS when a progress bar

@@ -26,6 +26,7 @@ from .clock import iso_now
 from .logs import log
 from .node import Node, Running, node_key_bytes
 from .storage import PartialFiles, hash_published, is_disk_full
+from .store import FINAL_STATES
 
 # Chunks are made durable (fdatasync, then recorded) at least this often:
 # the most a crash can cost an in-flight transfer.
@@ -131,7 +132,7 @@ class Incoming:
     async def _fail_permanently(self, exc: RemoteProtocolError) -> None:
         reason = f"refused by the receiver: {exc}"
         row = self.node.store.get(self.id) if self.id else None
-        if row is not None and row["state"] not in ("done", "failed", "cancelled"):
+        if row is not None and row["state"] not in FINAL_STATES:
             await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
             self.node.store.drop_chunks(self.id)
             self.node.store.update(self.id, iso_now(), state="failed", error=reason)
