@@ -134,9 +134,13 @@ class Incoming:
         row = self.node.store.get(self.id) if self.id else None
         if row is not None and row["state"] not in FINAL_STATES:
             await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
-            self.node.store.drop_chunks(self.id)
-            self.node.store.update(self.id, iso_now(), state="failed", error=reason)
-            await self.node.record("transfer_failed", {"transfer_id": self.id, "peer": self.peer.name, "direction": "in", "error": reason})
+            # An operator's cancel may have landed during that await (the
+            # transfer is no longer running): it stands, recorded once.
+            if self.node.store.get(self.id)["state"] not in FINAL_STATES:
+                self.node.store.drop_chunks(self.id)
+                self.node.store.update(self.id, iso_now(), state="failed", error=reason)
+                fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in", "error": reason}
+                await self.node.record("transfer_failed", fields)
         try:
             await self._abort(exc.code, reason, final=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

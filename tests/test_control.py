@@ -12,11 +12,14 @@ import pytest
 import trio
 import trio.testing
 
-from dorothy.dorothyd import outbox
+from types import SimpleNamespace
+
+from dorothy.dorothyd import audit, outbox, receiving
 from dorothy.dorothyd.clock import iso_now
 from dorothy.dorothyd.control import MAX_WAIT_SECONDS, _dispatch
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import RequestError, cancel_transfer, queue_transfer
+from dorothy.protocol.errors import RemoteProtocolError
 
 from conftest import introduce
 
@@ -104,6 +107,38 @@ async def test_a_cancellation_stands_when_the_running_attempt_fails_meanwhile(ma
     alpha.record = attempt_fails_while_the_cancellation_is_recorded
     await cancel_transfer(alpha, row)
     assert alpha.store.get(transfer_id)["state"] == "cancelled"
+
+
+async def test_a_cancellation_stands_when_the_receiver_fails_the_transfer_meanwhile(make_node, monkeypatch):
+    """A sender's unrecoverable protocol error fails the incoming transfer;
+    an operator's cancel that lands while its partial copy is being deleted
+    stands, and the ledger holds one ending for it, not two."""
+    bravo = make_node("bravo")
+    bravo.store.add_transfer(
+        id=TRANSFER, direction="in", peer="alpha", peer_node_key="dnk1", state="waiting",
+        manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", None, 10, 0)], now=iso_now(),
+    )
+    real_rmtree, cancels = receiving.shutil.rmtree, []
+
+    def rmtree_while_the_operator_cancels(path, ignore_errors=False):
+        if not cancels:  # the cancel deletes the partial copy too: through here again
+            cancels.append(path)
+            trio.from_thread.run(cancel_transfer, bravo, bravo.store.get(TRANSFER))
+        real_rmtree(path, ignore_errors)
+
+    monkeypatch.setattr(receiving.shutil, "rmtree", rmtree_while_the_operator_cancels)
+
+    class ClosedChannel:
+        async def send(self, message):
+            raise trio.ClosedResourceError
+
+    incoming = receiving.Incoming(bravo, ClosedChannel(), SimpleNamespace(name="alpha"))
+    incoming.id = TRANSFER
+    await incoming._fail_permanently(RemoteProtocolError("chunk out of range", code="bad_chunk"))
+    assert cancels and bravo.store.get(TRANSFER)["state"] == "cancelled"
+    records = audit.read_records(bravo.home.ledger_dir / "ledger.bin")
+    endings = [r.event for r in records if r.fields.get("transfer_id") == TRANSFER]
+    assert endings == ["transfer_cancelled"]
 
 
 @pytest.mark.parametrize("direction", ["out", "in"])
