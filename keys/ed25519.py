@@ -25,6 +25,7 @@ SECRET_KEY_SIZE = 64  # libsodium's form: the 32-byte seed, then the public key
 
 def _laid_out(head: bytes, parts) -> bytearray:
     """`head` (a signature or its zeroed slot), then the parts, contiguous."""
+    parts = [memoryview(part).cast("B") for part in parts]  # lengths in bytes, whatever the item size
     buffer = bytearray(SIGNATURE_SIZE + sum(len(part) for part in parts))
     buffer[:SIGNATURE_SIZE] = head
     offset = SIGNATURE_SIZE

@@ -1,6 +1,8 @@
 """keys/ed25519.py: in-place Ed25519 gives exactly pynacl's signatures and
 verdicts, over any split of the message into parts."""
 
+import array
+
 import nacl.exceptions
 import nacl.signing
 import pytest
@@ -43,6 +45,13 @@ def test_any_flipped_bit_fails_as_it_does_in_pynacl(seed, message, position, bit
     except nacl.exceptions.BadSignatureError:
         expected = False
     assert ed25519.verify(key.verify_key.encode(), bytes(signature), message) is expected
+
+
+def test_parts_count_in_bytes_whatever_their_item_size():
+    key = nacl.signing.SigningKey(bytes(32))
+    words = array.array("I", [0x64636261, 0x68676665])
+    signature = ed25519.sign(ed25519.secret_key(bytes(32)), words, b"x")
+    assert signature == key.sign(words.tobytes() + b"x").signature
 
 
 def test_another_key_or_wrong_sizes_do_not_verify():
