@@ -412,6 +412,7 @@ class Incoming:
         await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)
         await self._complete(digests)
         machine.finalized()
+        await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes, now garbage: see tuning
 
     async def _complete(self, digests: list[bytes]) -> None:
         """Sign the receipt, record it, then (only then) send it. Each step
@@ -453,4 +454,3 @@ class Incoming:
         checkpoint = await node.checkpoint()
         await self.channel.send(messages.Receipt(receipt=receipt, checkpoint=checkpoint))
         log.info("incoming transfer %s complete: %d files verified, receipt sent", self.id, len(files))
-        await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes: see tuning

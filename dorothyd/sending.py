@@ -270,6 +270,7 @@ async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channe
     delivered = await Outgoing(node, channel, peer, row, running).run()
     running.ending = True
     await _record_delivery(node, row, peer, delivered)
+    await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes, now garbage: see tuning
 
 
 async def notify_ended(node: Node, row, peer: Peer, channel: Channel) -> None:
@@ -345,4 +346,3 @@ async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) ->
     await node.keep_peer_checkpoint(peer, delivered.checkpoint)
     await node.checkpoint()  # our own tree head too: history a crash cannot cut
     log.info("transfer %s delivered to %s; receipt verified", row["id"], peer.name)
-    await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes: see tuning
