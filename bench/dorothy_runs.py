@@ -86,10 +86,13 @@ class Pair:
             transfer_id = json.loads(result["stdout"])["id"]
             received = self.inbox(transfer_id) / path.name
             result["received"] = tree_size(received) if received.is_dir() else (1, received.stat().st_size)
+            if keep_in is not None:
+                try:
+                    self.inbox(transfer_id).rename(keep_in / transfer_id)
+                except OSError:  # WORK spans two file systems
+                    keep_in = None
             if keep_in is None:
                 shutil.rmtree(self.inbox(transfer_id), ignore_errors=True)
-            else:
-                self.inbox(transfer_id).rename(keep_in / transfer_id)
         result["transfer_id"] = transfer_id
         return result
 

@@ -78,31 +78,33 @@ def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, qu
         # next run's receiver CPU (perf: recently_deleted under ext4_create),
         # whichever tool that was. It costs disk space for runs x tools copies.
         kept = []
-        for run in range(1, runs + 1):
-            for tool, send in tools.items():
-                dest = dest_root / tool / f"run-{run}"
-                shutil.rmtree(dest, ignore_errors=True)
-                dest.mkdir(parents=True)
-                timed_sync()
-                busy = settle(quiet_max, log)
-                raw = send(dataset.path, dest)
-                raw["sync_after_s"] = timed_sync()
-                row = record(tool, dataset, run, raw, raw.pop("received", None) or _received(dest, dataset))
-                row["busy_before"] = round(busy, 2)
-                row["sync_after_s"] = raw["sync_after_s"]
-                rows.append(row)
-                if dataset.files > 1:
-                    kept.append(dest)
-                else:
+        try:
+            for run in range(1, runs + 1):
+                for tool, send in tools.items():
+                    dest = dest_root / tool / f"run-{run}"
                     shutil.rmtree(dest, ignore_errors=True)
-                rate = f"{row['MiB_s']:7.1f} MiB/s" + (f" {row['files_s']:7.0f} files/s" if dataset.files > 1 else "")
-                log(
-                    f"  {dataset.scenario:6s} run {run} {tool:8s} {rate}  wall {row['wall_s']:6.2f}s  "
-                    f"RSS {row['rss_sender_MiB']}/{row['rss_receiver_MiB']} MiB  "
-                    f"CPU {row['cpu_sender_s']}/{row['cpu_receiver_s']} s  others {row['others_cpu_s']}s  ok={row['ok']}"
-                )
-        for dest in kept:
-            shutil.rmtree(dest, ignore_errors=True)
+                    dest.mkdir(parents=True)
+                    timed_sync()
+                    busy = settle(quiet_max, log)
+                    raw = send(dataset.path, dest)
+                    raw["sync_after_s"] = timed_sync()
+                    row = record(tool, dataset, run, raw, raw.pop("received", None) or _received(dest, dataset))
+                    row["busy_before"] = round(busy, 2)
+                    row["sync_after_s"] = raw["sync_after_s"]
+                    rows.append(row)
+                    if dataset.files > 1:
+                        kept.append(dest)
+                    else:
+                        shutil.rmtree(dest, ignore_errors=True)
+                    rate = f"{row['MiB_s']:7.1f} MiB/s" + (f" {row['files_s']:7.0f} files/s" if dataset.files > 1 else "")
+                    log(
+                        f"  {dataset.scenario:6s} run {run} {tool:8s} {rate}  wall {row['wall_s']:6.2f}s  "
+                        f"RSS {row['rss_sender_MiB']}/{row['rss_receiver_MiB']} MiB  "
+                        f"CPU {row['cpu_sender_s']}/{row['cpu_receiver_s']} s  others {row['others_cpu_s']}s  ok={row['ok']}"
+                    )
+        finally:
+            for dest in kept:
+                shutil.rmtree(dest, ignore_errors=True)
     return rows
 
 
