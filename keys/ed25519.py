@@ -8,10 +8,11 @@ memory of a receiving daemon.
 
 libsodium's combined functions also work in place: `crypto_sign` moves the
 message to just after the 64-byte signature slot (a no-op when it is
-already there) and signs it there, and `crypto_sign_open` may write the message it
-checked back where it already is. So each function here lays the message out once, after the slot,
-and lets libsodium work on that buffer. The signatures are ordinary Ed25519
-(RFC 8032) signatures; tests/test_ed25519.py checks them against pynacl's.
+already there) and signs it there, and `crypto_sign_open` may write the
+message it checked back where it already is. So each function here lays
+the message out once, after the slot, and lets libsodium work on that
+buffer. The signatures are ordinary Ed25519 (RFC 8032) signatures;
+tests/test_ed25519.py checks them against pynacl's.
 """
 
 import nacl.bindings
