@@ -132,17 +132,27 @@ class Incoming:
     async def _fail_permanently(self, exc: RemoteProtocolError) -> None:
         reason = f"refused by the receiver: {exc}"
         row = self.node.store.get(self.id) if self.id else None
-        if row is not None and row["state"] not in FINAL_STATES:
-            await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
-            # An operator's cancel may have landed during that await (the
-            # transfer is no longer running): it stands, recorded once.
-            if self.node.store.get(self.id)["state"] not in FINAL_STATES:
+        if row is not None and row["state"] in FINAL_STATES:
+            return  # cancelled by the operator during this attempt: the peer was told so
+        if row is not None and self.id not in self.node.running:
+            # Registered as ending while the copy goes: a cancel is refused
+            # meanwhile, and another connection offering it is told `busy`.
+            self.node.running[self.id] = Running(trio.CancelScope(), ending=True)
+            try:
+                await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
                 self.node.store.drop_chunks(self.id)
                 self.node.store.update(self.id, iso_now(), state="failed", error=reason)
                 fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in", "error": reason}
                 await self.node.record("transfer_failed", fields)
+            finally:
+                del self.node.running[self.id]
+        await self._abort_quietly(exc.code, reason)
+
+    async def _abort_quietly(self, code: str, reason: str) -> None:
+        """A final abort on a connection that may already be gone: the peer
+        then learns it from the answer to its next offer."""
         try:
-            await self._abort(exc.code, reason, final=True)
+            await self._abort(code, reason, final=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -179,11 +189,13 @@ class Incoming:
                 await self._receive(running)
             finally:
                 del self.node.running[self.id]
-        if running.cancelled_by_operator:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
-                self.node.store.drop_chunks(self.id)
-                await self._abort("cancelled", "cancelled by the receiving operator", final=True)
+                # Also when the attempt ends in an error: a cancel that landed
+                # while it was saving what had arrived must not leave the copy.
+                if running.cancelled_by_operator:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
+                        self.node.store.drop_chunks(self.id)
+                        await self._abort_quietly("cancelled", "cancelled by the receiving operator")
 
     def _register(self, envelope: bytes) -> None:
         files = [(entry.path, None, entry.size, entry.mtime_ns) for entry in self.manifest.files]
@@ -412,7 +424,6 @@ class Incoming:
         await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)
         await self._complete(digests)
         machine.finalized()
-        await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes, now garbage: see tuning
 
     async def _complete(self, digests: list[bytes]) -> None:
         """Sign the receipt, record it, then (only then) send it. Each step

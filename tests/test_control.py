@@ -109,21 +109,23 @@ async def test_a_cancellation_stands_when_the_running_attempt_fails_meanwhile(ma
     assert alpha.store.get(transfer_id)["state"] == "cancelled"
 
 
-async def test_a_cancellation_stands_when_the_receiver_fails_the_transfer_meanwhile(make_node, monkeypatch):
-    """A sender's unrecoverable protocol error fails the incoming transfer;
-    an operator's cancel that lands while its partial copy is being deleted
-    stands, and the ledger holds one ending for it, not two."""
+async def test_a_receiver_failing_a_transfer_refuses_a_cancel_meanwhile(make_node, monkeypatch):
+    """A sender's unrecoverable protocol error fails the incoming transfer.
+    While its partial copy is being deleted the transfer is ending: an
+    operator's cancel then is refused (SPEC 4.11), and the ledger holds one
+    ending for it, not two."""
     bravo = make_node("bravo")
     bravo.store.add_transfer(
         id=TRANSFER, direction="in", peer="alpha", peer_node_key="dnk1", state="waiting",
         manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", None, 10, 0)], now=iso_now(),
     )
-    real_rmtree, cancels = receiving.shutil.rmtree, []
+    real_rmtree, refusals = receiving.shutil.rmtree, []
 
     def rmtree_while_the_operator_cancels(path, ignore_errors=False):
-        if not cancels:  # the cancel deletes the partial copy too: through here again
-            cancels.append(path)
+        try:
             trio.from_thread.run(cancel_transfer, bravo, bravo.store.get(TRANSFER))
+        except RequestError as exc:
+            refusals.append(str(exc))
         real_rmtree(path, ignore_errors)
 
     monkeypatch.setattr(receiving.shutil, "rmtree", rmtree_while_the_operator_cancels)
@@ -135,10 +137,11 @@ async def test_a_cancellation_stands_when_the_receiver_fails_the_transfer_meanwh
     incoming = receiving.Incoming(bravo, ClosedChannel(), SimpleNamespace(name="alpha"))
     incoming.id = TRANSFER
     await incoming._fail_permanently(RemoteProtocolError("chunk out of range", code="bad_chunk"))
-    assert cancels and bravo.store.get(TRANSFER)["state"] == "cancelled"
+    assert len(refusals) == 1 and "is ending right now" in refusals[0]
+    assert bravo.store.get(TRANSFER)["state"] == "failed" and TRANSFER not in bravo.running
     records = audit.read_records(bravo.home.ledger_dir / "ledger.bin")
     endings = [r.event for r in records if r.fields.get("transfer_id") == TRANSFER]
-    assert endings == ["transfer_cancelled"]
+    assert endings == ["transfer_failed"]
 
 
 @pytest.mark.parametrize("direction", ["out", "in"])

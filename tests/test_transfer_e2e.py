@@ -13,7 +13,7 @@ import trio.testing
 from dorothy.dorothyd import audit, outbox, sources
 from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
-from dorothy.dorothyd.queueing import queue_transfer
+from dorothy.dorothyd.queueing import cancel_transfer, queue_transfer
 from dorothy.dorothyd.receiving import Incoming
 from dorothy.dorothyd.sending import deliver, notify_ended
 from dorothy.dorothyd.sources import SourceChanged, SourceReader, SourceUnavailable
@@ -256,3 +256,23 @@ async def test_an_unavailable_source_leaves_the_transfer_waiting_for_a_retry(mak
     row = sender.store.get(transfer_id)
     assert row["state"] == "waiting" and row["notify_peer"] == 0
     assert row["error"] == "source unavailable, will retry: 'case/a.bin': cannot read: Input/output error"
+
+
+async def test_a_cancel_while_a_cut_attempt_saves_its_chunks_leaves_nothing(make_node, tmp_path, monkeypatch):
+    """The connection drops; while the receiver makes what arrived durable,
+    its operator cancels. The attempt ends in an error, and the cancelled
+    copy must go all the same: no partial files, no held-chunk rows."""
+    sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
+    save = Incoming._flush_quietly
+    cancels = []
+
+    async def flush_quietly_while_the_operator_cancels(self, partial, machine):
+        if not cancels:
+            cancels.append(await cancel_transfer(receiver, receiver.store.get(transfer_id)))
+        await save(self, partial, machine)
+
+    monkeypatch.setattr(Incoming, "_flush_quietly", flush_quietly_while_the_operator_cancels)
+    await attempt(sender, receiver, transfer_id, cut_sender=4)
+    assert cancels and receiver.store.get(transfer_id)["state"] == "cancelled"
+    assert not (receiver.home.partial_dir / transfer_id).exists()
+    assert receiver.store.chunks(transfer_id) == {}
