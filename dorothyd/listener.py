@@ -8,6 +8,7 @@ deadline, and one of a bounded number of slots.
 import trio
 
 from ..protocol.errors import ProtocolError
+from . import tuning
 from .channel import ChannelClosed, accept
 from .logs import log
 from .node import Node
@@ -68,7 +69,9 @@ async def _handle(node: Node, slots: trio.Semaphore, stream: trio.SocketStream) 
     except Exception:
         log.exception("internal error while serving %s", address)
     finally:
-        if channel is not None:
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            if channel is not None:
                 await channel.close()
-        await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(stream)
+            if channel is not None:  # a peer's connection, not a stranger's: one trim each
+                await trio.to_thread.run_sync(tuning.release_free_memory)  # a transfer's records: see tuning

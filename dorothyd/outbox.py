@@ -13,6 +13,7 @@ import trio
 from ..keys.errors import KeysError
 from ..protocol.errors import ProtocolError
 from ..protocol.paths import quoted
+from . import tuning
 from .channel import ChannelClosed, connect
 from .clock import iso_now
 from .logs import log
@@ -112,6 +113,7 @@ async def _connect_and(node: Node, row, job) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await channel.close()
+            await trio.to_thread.run_sync(tuning.release_free_memory)  # a finished transfer's records: see tuning
 
 
 async def _classify(node: Node, row, cause: BaseException, original: BaseException) -> None:

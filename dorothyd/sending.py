@@ -270,7 +270,6 @@ async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channe
     delivered = await Outgoing(node, channel, peer, row, running).run()
     running.ending = True
     await _record_delivery(node, row, peer, delivered)
-    await trio.to_thread.run_sync(tuning.release_free_memory)  # the record's megabytes, now garbage: see tuning
 
 
 async def notify_ended(node: Node, row, peer: Peer, channel: Channel) -> None:

@@ -9,10 +9,11 @@ to 4,418 MiB/s on this kind of machine.
 The price is that freed chunk buffers stay in the heap after a transfer,
 where Python's own small objects (which come from separate arenas) cannot
 use them; `release_free_memory` hands them back once a transfer's data has
-passed, and again once it has ended: the ledger record of a large folder is
-megabytes that would otherwise stay resident while the node idles (10,000
-files: 57 MiB idle afterwards instead of 48, and each further transfer of
-such a folder peaked higher than the last, 60 -> 63.7 MiB over eight).
+passed, and again when a peer's connection ends: the ledger record of a
+large folder is megabytes that would otherwise stay resident while the node
+idles (10,000 files: 57 MiB idle afterwards instead of 46, and each further
+transfer of such a folder peaked higher than the last, 60 -> 63.7 MiB over
+eight).
 
 All threads share one malloc arena. glibc gives worker threads arenas of
 their own (up to 8 per core), and what a transfer freed in one stays
