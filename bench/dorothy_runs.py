@@ -7,6 +7,7 @@ run's peak RSS is VmHWM (rewound before the run, see measure.reset_peak)
 and its CPU the delta of utime + stime.
 """
 
+import errno
 import json
 import re
 import shutil
@@ -89,7 +90,10 @@ class Pair:
             if keep_in is not None:
                 try:
                     self.inbox(transfer_id).rename(keep_in / transfer_id)
-                except OSError:  # WORK spans two file systems
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    print(f"note: {keep_in} is on another file system than the inbox: deleting the copy now", file=sys.stderr)
                     keep_in = None
             if keep_in is None:
                 shutil.rmtree(self.inbox(transfer_id), ignore_errors=True)

@@ -84,6 +84,7 @@ def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, qu
                     dest = dest_root / tool / f"run-{run}"
                     shutil.rmtree(dest, ignore_errors=True)
                     dest.mkdir(parents=True)
+                    kept.append(dest)
                     timed_sync()
                     busy = settle(quiet_max, log)
                     raw = send(dataset.path, dest)
@@ -92,9 +93,7 @@ def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, qu
                     row["busy_before"] = round(busy, 2)
                     row["sync_after_s"] = raw["sync_after_s"]
                     rows.append(row)
-                    if dataset.files > 1:
-                        kept.append(dest)
-                    else:
+                    if dataset.files == 1:
                         shutil.rmtree(dest, ignore_errors=True)
                     rate = f"{row['MiB_s']:7.1f} MiB/s" + (f" {row['files_s']:7.0f} files/s" if dataset.files > 1 else "")
                     log(
