@@ -20,6 +20,11 @@ from .note import NoteError, verify_checkpoint
 from .store import Store
 
 
+# File rows per state-db transaction when a transfer is added: 10,000 take
+# about 40 ms, the most the event loop waits on them at a time.
+FILE_ROWS_PER_STEP = 10_000
+
+
 def node_key_bytes(node_key: NodeKey) -> bytes:
     """The 64-byte form used inside manifests and receipts."""
     return node_key.sign_public + node_key.dh_public
@@ -72,6 +77,15 @@ class Node:
     @property
     def node_key(self) -> NodeKey:
         return self.identity.node_key
+
+    async def add_transfer(self, *, files: list, **row) -> None:
+        """Store.add_transfer in steps of FILE_ROWS_PER_STEP file rows, the
+        event loop free between them: 100,000 rows in one go held it for
+        0.4 s, and every other connection with it."""
+        for first in range(0, len(files), FILE_ROWS_PER_STEP):
+            self.store.add_files(row["id"], first, files[first : first + FILE_ROWS_PER_STEP])
+            await trio.lowlevel.checkpoint()
+        self.store.add_transfer_row(files=files, **row)
 
     async def record(self, event: str, fields: dict) -> None:
         """Append a ledger record; returns once it is fsync'd."""

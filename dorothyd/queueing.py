@@ -46,7 +46,7 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
             "files": [{"path": s.path, "size": s.size} for s in sources],
         },
     )
-    node.store.add_transfer(
+    await node.add_transfer(
         id=tid,
         direction="out",
         peer=peer.name,

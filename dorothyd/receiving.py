@@ -171,7 +171,13 @@ class Incoming:
         self.id = manifest.transfer_id.hex()
         row = self.node.store.get(self.id)
         if row is None:
-            self._register(offer.manifest)
+            if self.id in self.node.running:  # another connection is adding it right now
+                return await self._abort("busy", "this transfer is already being received", final=False)
+            self.node.running[self.id] = Running(trio.CancelScope())
+            try:
+                await self._register(offer.manifest)
+            finally:
+                del self.node.running[self.id]
         elif row["direction"] != "in" or row["manifest_hash"] != manifest_hash:
             return await self._abort("conflict", "transfer id already used for other content", final=True)
         elif row["state"] == "done":
@@ -197,9 +203,9 @@ class Incoming:
                         self.node.store.drop_chunks(self.id)
                         await self._abort_quietly("cancelled", "cancelled by the receiving operator")
 
-    def _register(self, envelope: bytes) -> None:
+    async def _register(self, envelope: bytes) -> None:
         files = [(entry.path, None, entry.size, entry.mtime_ns) for entry in self.manifest.files]
-        self.node.store.add_transfer(
+        await self.node.add_transfer(
             id=self.id,
             direction="in",
             peer=self.peer.name,

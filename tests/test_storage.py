@@ -5,6 +5,8 @@ import os
 import sqlite3
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,3 +79,57 @@ def test_an_earlier_state_db_forgets_its_crc_rows_and_keeps_its_transfers(tmp_pa
         store.close()
     with pytest.raises(sqlite3.OperationalError):
         sqlite3.connect(path).execute("SELECT * FROM chunks")
+
+
+def _rows(count: int, start: int = 0) -> list:
+    return [(f"d/{n:06d}.bin", None, n, 0) for n in range(start, start + count)]
+
+
+TRANSFER_ROW = dict(
+    id="ab" * 16, direction="in", peer="alpha", peer_node_key="k", state="active",
+    manifest=b"m", manifest_hash=b"h" * 32, now="now",
+)
+
+
+async def test_a_large_transfer_is_added_in_steps_with_the_event_loop_free_between(make_node):
+    node = make_node("bravo")
+    files = _rows(25_000)
+    seen = set()
+
+    async def watch_the_steps():  # another connection's task, running whenever it can
+        while node.store.get(TRANSFER_ROW["id"]) is None:
+            seen.add(node.store._db.execute("SELECT count(*) FROM files").fetchone()[0])
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_the_steps)
+        await node.add_transfer(files=files, **TRANSFER_ROW)
+    assert any(0 < n < len(files) for n in seen)  # it ran while the rows were being added
+    assert [tuple(f)[1:5] for f in node.store.files(TRANSFER_ROW["id"])] == [f[:3] + (0,) for f in files]
+    assert node.store.get(TRANSFER_ROW["id"])["bytes_total"] == sum(f[2] for f in files)
+
+
+def test_rows_of_a_transfer_a_crash_left_half_added_are_gone_at_the_next_start(tmp_path):
+    store = Store(tmp_path / "state.db")
+    store.add_transfer(files=_rows(3), **{**TRANSFER_ROW, "id": "cd" * 16})
+    store.add_files(TRANSFER_ROW["id"], 0, _rows(10))  # the crash came before its transfer row
+    store.close()
+    store = Store(tmp_path / "state.db")
+    try:
+        assert store.files(TRANSFER_ROW["id"]) == []
+        assert len(store.files("cd" * 16)) == 3  # complete transfers keep theirs
+        store.add_transfer(files=_rows(2), **TRANSFER_ROW)  # adding it again works
+        assert len(store.files(TRANSFER_ROW["id"])) == 2
+    finally:
+        store.close()
+
+
+def test_adding_rows_to_an_existing_transfer_is_refused_and_removes_nothing(tmp_path):
+    store = Store(tmp_path / "state.db")
+    try:
+        store.add_transfer(files=_rows(3), **TRANSFER_ROW)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add_files(TRANSFER_ROW["id"], 0, _rows(5))
+        assert len(store.files(TRANSFER_ROW["id"])) == 3
+    finally:
+        store.close()
