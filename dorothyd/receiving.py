@@ -412,7 +412,7 @@ class Incoming:
 
     async def _finalize(self, partial: PartialFiles, machine: ReceiverMachine, action: Finalize) -> None:
         self._running.ending = True
-        manifest, store = self.manifest, self.node.store
+        manifest = self.manifest
         # The chunk buffers are free now; the ledger record of a large folder
         # is about to need megabytes of small objects, which cannot reuse them.
         await trio.to_thread.run_sync(tuning.release_free_memory)
@@ -424,7 +424,7 @@ class Incoming:
                 await self._end("failed", error, partial, by="receiver")
                 await self._abort("hash_mismatch", error, final=True)
                 return
-        store.set_file_sha256(self.id, dict(enumerate(digests)))
+        await self.node.set_file_sha256(self.id, digests)
         paths = [entry.path for entry in manifest.files]
         inbox = self.node.home.inbox_dir / self.peer.name
         await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)

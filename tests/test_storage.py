@@ -133,3 +133,22 @@ def test_adding_rows_to_an_existing_transfer_is_refused_and_removes_nothing(tmp_
         assert len(store.files(TRANSFER_ROW["id"])) == 3
     finally:
         store.close()
+
+
+async def test_file_hashes_are_set_in_steps_with_the_event_loop_free_between(make_node):
+    node = make_node("bravo")
+    files = _rows(25_000)
+    node.store.add_transfer(files=files, **TRANSFER_ROW)
+    digests = [n.to_bytes(32, "big") for n in range(len(files))]
+    seen = set()
+
+    async def watch_the_steps():
+        while (done := node.store._db.execute("SELECT count(sha256) FROM files").fetchone()[0]) < len(files):
+            seen.add(done)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_the_steps)
+        await node.set_file_sha256(TRANSFER_ROW["id"], digests)
+    assert any(0 < n < len(files) for n in seen)  # it ran while the hashes were being set
+    assert [f.sha256 for f in node.store.files(TRANSFER_ROW["id"])] == digests
