@@ -74,4 +74,4 @@ async def _handle(node: Node, slots: trio.Semaphore, stream: trio.SocketStream) 
                 await channel.close()
             await trio.aclose_forcefully(stream)
             if channel is not None:  # a peer's connection, not a stranger's: one trim each
-                await trio.to_thread.run_sync(tuning.release_free_memory)  # a transfer's records: see tuning
+                await tuning.release_free_memory_at_end()  # a transfer's records: see tuning

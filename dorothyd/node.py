@@ -78,14 +78,15 @@ class Node:
     def node_key(self) -> NodeKey:
         return self.identity.node_key
 
-    async def add_transfer(self, *, files: list, **row) -> None:
-        """Store.add_transfer in steps of FILE_ROWS_PER_STEP file rows, the
-        event loop free between them: 100,000 rows in one go held it for
-        0.4 s, and every other connection with it."""
+    async def add_file_rows(self, transfer_id: str, files: list) -> None:
+        """A new transfer's file rows, in steps of FILE_ROWS_PER_STEP with the
+        event loop free between them (100,000 rows in one go held it for
+        0.4 s, and every other connection with it). They stay invisible until
+        the caller adds the transfer row (Store.add_transfer_row); rows a
+        crash or an error leaves behind go at the next start."""
         for first in range(0, len(files), FILE_ROWS_PER_STEP):
-            self.store.add_files(row["id"], first, files[first : first + FILE_ROWS_PER_STEP])
+            self.store.add_files(transfer_id, first, files[first : first + FILE_ROWS_PER_STEP])
             await trio.lowlevel.checkpoint()
-        self.store.add_transfer_row(files=files, **row)
 
     async def set_file_sha256(self, transfer_id: str, digests: list[bytes]) -> None:
         """Every file's SHA-256, in steps as add_transfer (100,000 in one

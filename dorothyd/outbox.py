@@ -113,7 +113,7 @@ async def _connect_and(node: Node, row, job) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await channel.close()
-            await trio.to_thread.run_sync(tuning.release_free_memory)  # a finished transfer's records: see tuning
+            await tuning.release_free_memory_at_end()  # a transfer's records: see tuning
 
 
 async def _classify(node: Node, row, cause: BaseException, original: BaseException) -> None:

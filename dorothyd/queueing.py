@@ -36,27 +36,32 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
     envelope = sign_manifest(manifest, node.identity.sign)
     digest = manifest_hash(manifest.encode())
     tid = transfer_id.hex()
-    await node.record(
-        "transfer_queued",
-        {
-            "transfer_id": tid,
-            "peer": peer.name,
-            "peer_node_key": str(peer.node_key),
-            "manifest_hash": digest.hex(),
-            "files": [{"path": s.path, "size": s.size} for s in sources],
-        },
-    )
-    await node.add_transfer(
-        id=tid,
-        direction="out",
-        peer=peer.name,
-        peer_node_key=str(peer.node_key),
-        state="queued",
-        manifest=envelope,
-        manifest_hash=digest,
-        files=[(s.path, s.source, s.size, s.mtime_ns) for s in sources],
-        now=iso_now(),
-    )
+    files = [(s.path, s.source, s.size, s.mtime_ns) for s in sources]
+    await node.add_file_rows(tid, files)
+    # The record, then the transfer row, shielded: a shutdown must not leave
+    # a queued record with no transfer behind it.
+    with trio.CancelScope(shield=True):
+        await node.record(
+            "transfer_queued",
+            {
+                "transfer_id": tid,
+                "peer": peer.name,
+                "peer_node_key": str(peer.node_key),
+                "manifest_hash": digest.hex(),
+                "files": [{"path": s.path, "size": s.size} for s in sources],
+            },
+        )
+        node.store.add_transfer_row(
+            id=tid,
+            direction="out",
+            peer=peer.name,
+            peer_node_key=str(peer.node_key),
+            state="queued",
+            manifest=envelope,
+            manifest_hash=digest,
+            files=files,
+            now=iso_now(),
+        )
     log.info("queued transfer %s to %s: %d files, %d bytes", tid, peer.name, len(sources), manifest.total_bytes)
     node.wake_outbox()
     return tid

@@ -186,9 +186,16 @@ class Incoming:
             return await self._abort(row["state"], row["error"] or row["state"], final=True)
         if self.id in self.node.running:
             return await self._abort("busy", "this transfer is already being received", final=False)
-        published = await self._published_digests()
-        if published is not None:
-            return await self._complete(published)
+        # Held as ending while a copy published before a crash is hashed again
+        # (minutes for a large one): another connection is told busy, not let
+        # in to record the transfer a second time.
+        self.node.running[self.id] = Running(trio.CancelScope(), ending=True)
+        try:
+            published = await self._published_digests()
+            if published is not None:
+                return await self._complete(published)
+        finally:
+            del self.node.running[self.id]
         with trio.CancelScope() as scope:
             running = self.node.running[self.id] = Running(scope)
             try:
@@ -205,7 +212,8 @@ class Incoming:
 
     async def _register(self, envelope: bytes) -> None:
         files = [(entry.path, None, entry.size, entry.mtime_ns) for entry in self.manifest.files]
-        await self.node.add_transfer(
+        await self.node.add_file_rows(self.id, files)
+        self.node.store.add_transfer_row(
             id=self.id,
             direction="in",
             peer=self.peer.name,

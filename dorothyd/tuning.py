@@ -26,6 +26,10 @@ five alternating runs: 312 against 296 MiB/s median, within the noise).
 import ctypes
 import ctypes.util
 
+import trio
+
+from .logs import log
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -52,3 +56,12 @@ def release_free_memory() -> None:
     """Return free heap pages to the system (blocking: a few ms)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+async def release_free_memory_at_end() -> None:
+    """release_free_memory when a peer's connection ends, off the event loop
+    and best effort: it must never turn an ending into an error."""
+    try:
+        await trio.to_thread.run_sync(release_free_memory)
+    except Exception as exc:  # no worker thread could be started, say
+        log.warning("could not return free memory to the system: %s", exc)

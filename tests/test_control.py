@@ -15,10 +15,12 @@ import trio.testing
 from types import SimpleNamespace
 
 from dorothy.dorothyd import audit, outbox, receiving
+from dorothy.dorothyd import node as node_module
 from dorothy.dorothyd.clock import iso_now
 from dorothy.dorothyd.control import MAX_WAIT_SECONDS, _dispatch
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import RequestError, cancel_transfer, queue_transfer
+from dorothy.dorothyd.store import Store
 from dorothy.protocol.errors import RemoteProtocolError
 
 from conftest import introduce
@@ -107,6 +109,36 @@ async def test_a_cancellation_stands_when_the_running_attempt_fails_meanwhile(ma
     alpha.record = attempt_fails_while_the_cancellation_is_recorded
     await cancel_transfer(alpha, row)
     assert alpha.store.get(transfer_id)["state"] == "cancelled"
+
+
+async def test_a_shutdown_while_a_send_is_queued_leaves_neither_record_nor_transfer(make_node, tmp_path, monkeypatch):
+    """Queueing adds file rows in steps, the event loop free between them;
+    a shutdown cancelling it there must not leave a transfer_queued record
+    for a transfer that does not exist."""
+    alpha, bravo = make_node("alpha"), make_node("bravo")
+    introduce(alpha, bravo)
+    for n in range(5):
+        (tmp_path / "case").mkdir(exist_ok=True)
+        (tmp_path / "case" / f"{n}.bin").write_bytes(b"x")
+    monkeypatch.setattr(node_module, "FILE_ROWS_PER_STEP", 2)
+    add_files = alpha.store.add_files
+    with trio.CancelScope() as shutdown:
+        def add_files_then_shut_down(*args):
+            add_files(*args)
+            shutdown.cancel()  # lands at the next checkpoint
+
+        alpha.store.add_files = add_files_then_shut_down
+        await queue_transfer(alpha, "bravo", [str(tmp_path / "case")])
+    assert shutdown.cancelled_caught
+    records = audit.read_records(alpha.home.ledger_dir / "ledger.bin")
+    assert [r.event for r in records if r.event == "transfer_queued"] == []
+    assert alpha.store.all_transfers() == []
+    alpha.store.close()
+    reopened = Store(alpha.home.state_db)
+    try:
+        assert reopened._db.execute("SELECT count(*) FROM files").fetchone()[0] == 0
+    finally:
+        reopened.close()
 
 
 async def test_a_receiver_failing_a_transfer_refuses_a_cancel_meanwhile(make_node, monkeypatch):

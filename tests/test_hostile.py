@@ -692,24 +692,27 @@ async def test_transfer_id_of_another_peer_is_a_conflict(make_node, tmp_path):
         await assert_still_serving(env)
 
 
-async def test_same_transfer_offered_while_the_first_connection_adds_it_is_busy(make_node, tmp_path, monkeypatch):
-    """Adding a transfer's rows yields to other connections (Node.add_transfer):
-    one offering the same transfer meanwhile is told busy, not let in to add
-    the rows a second time."""
-    register, adding, proceed = receiving.Incoming._register, trio.Event(), trio.Event()
+@pytest.mark.parametrize("stage", ["_register", "_published_digests"])
+async def test_same_transfer_offered_while_the_first_connection_holds_it_is_busy(make_node, tmp_path, monkeypatch, stage):
+    """While the first connection adds the transfer's rows (in steps, the
+    event loop free between them), or hashes again a copy published before a
+    crash (minutes for a large one), a second connection offering the same
+    transfer is told busy: it is not let in to add the rows, or record the
+    transfer, a second time."""
+    original, reached, proceed = getattr(receiving.Incoming, stage), trio.Event(), trio.Event()
 
-    async def register_slowly(self, envelope):
-        adding.set()
+    async def held(self, *args):
+        reached.set()
         await proceed.wait()
-        await register(self, envelope)
+        return await original(self, *args)
 
-    monkeypatch.setattr(receiving.Incoming, "_register", register_slowly)
+    monkeypatch.setattr(receiving.Incoming, stage, held)
     async with serving(make_node, tmp_path) as env:
         content = os.urandom(100)
         manifest, envelope = hostile_manifest(env, [("x", len(content))])
         first = await RawPeer.connect(env, env.mallory.identity)
         await first.send(messages.Offer(manifest=envelope))
-        await adding.wait()
+        await reached.wait()
         second = await RawPeer.connect(env, env.mallory.identity)
         await second.send(messages.Offer(manifest=envelope))
         outcome = await second.outcome()

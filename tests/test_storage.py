@@ -10,6 +10,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dorothy.dorothyd import tuning
 from dorothy.dorothyd.storage import CHECK_LEN, PartialFiles, chunk_check
 from dorothy.dorothyd.store import Store
 from dorothy.protocol.transfer import WriteChunk
@@ -103,7 +104,8 @@ async def test_a_large_transfer_is_added_in_steps_with_the_event_loop_free_betwe
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_the_steps)
-        await node.add_transfer(files=files, **TRANSFER_ROW)
+        await node.add_file_rows(TRANSFER_ROW["id"], files)
+        node.store.add_transfer_row(files=files, **TRANSFER_ROW)
     assert any(0 < n < len(files) for n in seen)  # it ran while the rows were being added
     assert [tuple(f)[1:5] for f in node.store.files(TRANSFER_ROW["id"])] == [f[:3] + (0,) for f in files]
     assert node.store.get(TRANSFER_ROW["id"])["bytes_total"] == sum(f[2] for f in files)
@@ -152,3 +154,14 @@ async def test_file_hashes_are_set_in_steps_with_the_event_loop_free_between(mak
         await node.set_file_sha256(TRANSFER_ROW["id"], digests)
     assert any(0 < n < len(files) for n in seen)  # it ran while the hashes were being set
     assert [f.sha256 for f in node.store.files(TRANSFER_ROW["id"])] == digests
+
+
+async def test_returning_memory_at_a_connection_end_never_raises(monkeypatch, caplog):
+    """It runs in the `finally` of every peer connection: if no worker thread
+    can be started, the connection still ends cleanly and the daemon goes on."""
+    async def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(tuning.trio.to_thread, "run_sync", no_thread)
+    await tuning.release_free_memory_at_end()
+    assert "could not return free memory to the system: can't start new thread" in caplog.text
