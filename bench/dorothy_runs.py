@@ -234,7 +234,9 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
     }
     cost = "nothing was left to send"
     if result["restart_cost_s"] is not None:
-        cost = f"restart cost {result['restart_cost_s']}s re-reading {resumed['receiver_read_bytes'] / MiB:.0f} MiB"
+        cost = f"restart cost {result['restart_cost_s']}s"
+        if resumed["receiver_read_bytes"] is not None:  # None: done before chunk data was seen flowing
+            cost += f" re-reading {resumed['receiver_read_bytes'] / MiB:.0f} MiB"
     log(
         f"  resume after receiver restart: durable {(durable or 0) / MiB:.0f} MiB at kill, {cost}, "
         f"re-sent {result['resent_bytes'] / MiB:.1f} MiB, kill to done {result['kill_to_done_s']}s, ok={ok}"
