@@ -170,9 +170,9 @@ class Incoming:
         self.manifest_hash = manifest_hash
         self.id = manifest.transfer_id.hex()
         row = self.node.store.get(self.id)
+        if self.id in self.node.running:  # another connection adds, checks or receives it right now
+            return await self._abort("busy", "this transfer is already being received", final=False)
         if row is None:
-            if self.id in self.node.running:  # another connection is adding it right now
-                return await self._abort("busy", "this transfer is already being received", final=False)
             self.node.running[self.id] = Running(trio.CancelScope())
             try:
                 await self._register(offer.manifest)
@@ -184,8 +184,6 @@ class Incoming:
             return await self._resend_receipt(row)
         elif row["state"] in ("failed", "cancelled"):
             return await self._abort(row["state"], row["error"] or row["state"], final=True)
-        if self.id in self.node.running:
-            return await self._abort("busy", "this transfer is already being received", final=False)
         # Held as ending while a copy published before a crash is hashed again
         # (minutes for a large one): another connection is told busy, not let
         # in to record the transfer a second time.
