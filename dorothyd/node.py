@@ -89,7 +89,7 @@ class Node:
             await trio.lowlevel.checkpoint()
 
     async def set_file_sha256(self, transfer_id: str, digests: list[bytes]) -> None:
-        """Every file's SHA-256, in steps as add_transfer (100,000 in one
+        """Every file's SHA-256, in steps as add_file_rows (100,000 in one
         transaction held the event loop 0.45 s). Setting one again is harmless,
         so a crash between steps costs nothing but the redo."""
         for first in range(0, len(digests), FILE_ROWS_PER_STEP):

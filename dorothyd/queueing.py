@@ -59,7 +59,7 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
             state="queued",
             manifest=envelope,
             manifest_hash=digest,
-            files=files,
+            bytes_total=manifest.total_bytes,
             now=iso_now(),
         )
     log.info("queued transfer %s to %s: %d files, %d bytes", tid, peer.name, len(sources), manifest.total_bytes)

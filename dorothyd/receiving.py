@@ -139,14 +139,18 @@ class Incoming:
             # meanwhile, and another connection offering it is told `busy`.
             self.node.running[self.id] = Running(trio.CancelScope(), ending=True)
             try:
-                await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
-                self.node.store.drop_chunks(self.id)
+                await self._drop_partial_copy()
                 self.node.store.update(self.id, iso_now(), state="failed", error=reason)
                 fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in", "error": reason}
                 await self.node.record("transfer_failed", fields)
             finally:
                 del self.node.running[self.id]
         await self._abort_quietly(exc.code, reason)
+
+    async def _drop_partial_copy(self) -> None:
+        """The partial files, and the records of the chunks they held."""
+        await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
+        self.node.store.drop_chunks(self.id)
 
     async def _abort_quietly(self, code: str, reason: str) -> None:
         """A final abort on a connection that may already be gone: the peer
@@ -204,8 +208,7 @@ class Incoming:
                 # while it was saving what had arrived must not leave the copy.
                 if running.cancelled_by_operator:
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
-                        self.node.store.drop_chunks(self.id)
+                        await self._drop_partial_copy()
                         await self._abort_quietly("cancelled", "cancelled by the receiving operator")
 
     async def _register(self, envelope: bytes) -> None:
@@ -219,7 +222,7 @@ class Incoming:
             state="active",
             manifest=envelope,
             manifest_hash=self.manifest_hash,
-            files=files,
+            bytes_total=self.manifest.total_bytes,
             now=iso_now(),
         )
         total = self.manifest.total_bytes

@@ -70,7 +70,7 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
         self._forget_crc_chunks()
-        # Rows of a transfer whose adding a crash interrupted (Node.add_transfer).
+        # Rows of a transfer whose adding a crash interrupted (Node.add_file_rows).
         self._db.execute("DELETE FROM files WHERE transfer_id NOT IN (SELECT id FROM transfers)")
         # Called with a transfer's id after each update of its row: how the
         # daemon wakes those waiting on a transfer (Node.next_update).
@@ -96,39 +96,26 @@ class Store:
     def _tx(self):
         return _Transaction(self._db)
 
-    def add_transfer(self, *, id, direction, peer, peer_node_key, state, manifest, manifest_hash, files, now):
-        """`files`: (path, source or None, size, mtime_ns) in manifest order.
-        One transaction; Node.add_transfer spreads a large folder over several."""
-        with self._tx():
-            self._add_files(id, 0, files)
-            self._add_transfer_row(id, direction, peer, peer_node_key, state, manifest, manifest_hash, files, now)
-
     def add_files(self, transfer_id: str, first: int, files: list) -> None:
-        """File rows `first`... of a transfer not yet added (add_transfer_row
-        comes last, so a crash between steps leaves no transfer, only rows
-        that the next attempt's first step deletes)."""
+        """File rows `first`... of a transfer not yet added: `files` are
+        (path, source or None, size, mtime_ns) in manifest order. The
+        transfer row comes last (add_transfer_row), so a crash between steps
+        leaves no transfer, only rows that the next start deletes."""
         with self._tx():
-            self._add_files(transfer_id, first, files)
+            if first == 0:
+                if self.get(transfer_id) is not None:
+                    raise sqlite3.IntegrityError(f"transfer {transfer_id} already exists")
+                self._db.execute("DELETE FROM files WHERE transfer_id = ?", (transfer_id,))
+            self._db.executemany(
+                "INSERT INTO files (transfer_id, idx, path, source, size, mtime_ns) VALUES (?,?,?,?,?,?)",
+                [(transfer_id, first + i, *f) for i, f in enumerate(files)],
+            )
 
-    def add_transfer_row(self, *, id, direction, peer, peer_node_key, state, manifest, manifest_hash, files, now):
-        with self._tx():
-            self._add_transfer_row(id, direction, peer, peer_node_key, state, manifest, manifest_hash, files, now)
-
-    def _add_files(self, transfer_id: str, first: int, files: list) -> None:
-        if first == 0:
-            if self.get(transfer_id) is not None:
-                raise sqlite3.IntegrityError(f"transfer {transfer_id} already exists")
-            self._db.execute("DELETE FROM files WHERE transfer_id = ?", (transfer_id,))
-        self._db.executemany(
-            "INSERT INTO files (transfer_id, idx, path, source, size, mtime_ns) VALUES (?,?,?,?,?,?)",
-            [(transfer_id, first + i, *f) for i, f in enumerate(files)],
-        )
-
-    def _add_transfer_row(self, id, direction, peer, peer_node_key, state, manifest, manifest_hash, files, now):
+    def add_transfer_row(self, *, id, direction, peer, peer_node_key, state, manifest, manifest_hash, bytes_total, now):
         self._db.execute(
             "INSERT INTO transfers (id, direction, peer, peer_node_key, state, manifest, manifest_hash,"
             " bytes_total, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (id, direction, peer, peer_node_key, state, manifest, manifest_hash, sum(f[2] for f in files), now, now),
+            (id, direction, peer, peer_node_key, state, manifest, manifest_hash, bytes_total, now, now),
         )
 
     def get(self, transfer_id: str) -> sqlite3.Row | None:

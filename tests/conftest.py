@@ -35,3 +35,9 @@ def introduce(*nodes) -> None:
         for other in nodes:
             if other is not node:
                 node.trust.add(other.config.name, "127.0.0.1:9", other.node_key)
+
+
+def add_transfer(store, *, files: list, **row) -> None:
+    """A transfer and its file rows, as the daemon adds them (rows first)."""
+    store.add_files(row["id"], 0, files)
+    store.add_transfer_row(bytes_total=sum(f[2] for f in files), **row)

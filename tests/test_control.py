@@ -23,15 +23,15 @@ from dorothy.dorothyd.queueing import RequestError, cancel_transfer, queue_trans
 from dorothy.dorothyd.store import Store
 from dorothy.protocol.errors import RemoteProtocolError
 
-from conftest import introduce
+from conftest import add_transfer, introduce
 
 TRANSFER = "ab" * 16
 
 
 def with_transfer(make_node, state="active"):
     node = make_node("alpha")
-    node.store.add_transfer(
-        id=TRANSFER, direction="out", peer="bravo", peer_node_key="dnk1", state=state,
+    add_transfer(
+        node.store, id=TRANSFER, direction="out", peer="bravo", peer_node_key="dnk1", state=state,
         manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", b"/a.bin", 10, 0)], now=iso_now(),
     )
     return node
@@ -147,8 +147,8 @@ async def test_a_receiver_failing_a_transfer_refuses_a_cancel_meanwhile(make_nod
     operator's cancel then is refused (SPEC 4.11), and the ledger holds one
     ending for it, not two."""
     bravo = make_node("bravo")
-    bravo.store.add_transfer(
-        id=TRANSFER, direction="in", peer="alpha", peer_node_key="dnk1", state="waiting",
+    add_transfer(
+        bravo.store, id=TRANSFER, direction="in", peer="alpha", peer_node_key="dnk1", state="waiting",
         manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", None, 10, 0)], now=iso_now(),
     )
     real_rmtree, refusals = receiving.shutil.rmtree, []
@@ -182,8 +182,8 @@ async def test_a_transfer_that_is_ending_cannot_be_cancelled(make_node, directio
     final state, a cancel could only race the ending: it is refused, and
     nothing is written."""
     node = make_node("alpha")
-    node.store.add_transfer(
-        id=TRANSFER, direction=direction, peer="bravo", peer_node_key="dnk1", state="active",
+    add_transfer(
+        node.store, id=TRANSFER, direction=direction, peer="bravo", peer_node_key="dnk1", state="active",
         manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", b"/a.bin", 10, 0)], now=iso_now(),
     )
     node.running[TRANSFER] = Running(trio.CancelScope(), ending=True)
