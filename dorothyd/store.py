@@ -143,10 +143,19 @@ class Store:
     def set_file_sha256(self, transfer_id: str, digests: dict[int, bytes]) -> None:
         """Record file hashes, in one transaction (one fsync, however many files)."""
         with self._tx():
-            self._db.executemany(
-                "UPDATE files SET sha256 = ? WHERE transfer_id = ? AND idx = ?",
-                [(digest, transfer_id, idx) for idx, digest in digests.items()],
-            )
+            self._set_sha256(transfer_id, digests)
+
+    def save_sent(self, transfer_id: str, digests: dict[int, bytes], bytes_done: int, now: str) -> None:
+        """A sender's progress: file hashes and bytes sent, in one transaction."""
+        with self._tx():
+            self._set_sha256(transfer_id, digests)
+            self.update(transfer_id, now, bytes_done=bytes_done)
+
+    def _set_sha256(self, transfer_id: str, digests: dict[int, bytes]) -> None:
+        self._db.executemany(
+            "UPDATE files SET sha256 = ? WHERE transfer_id = ? AND idx = ?",
+            [(digest, transfer_id, idx) for idx, digest in digests.items()],
+        )
 
     def pending_outgoing(self) -> list[sqlite3.Row]:
         """Outgoing work: transfers to deliver, and cancellations the peer
