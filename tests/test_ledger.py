@@ -106,6 +106,19 @@ def _transfer(tid: str, peer: str, peer_key: str, receipt: bytes, sha: str = "ab
             "files": files, "receipt": receipt}
 
 
+@given(st.lists(events(), min_size=1, max_size=6))
+def test_the_record_append_returns_is_what_any_reader_decodes(items):
+    # append builds its Record from what it packed instead of decoding the
+    # payload again: that is only sound if a reader decodes the same.
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger, records = _build(Path(tmp), items)
+        ledger.close()
+    for written in records:
+        read = ledger_mod.decode_record(written.payload, written.offset)
+        assert read == written
+        assert bytes(read.body) == bytes(written.body)
+
+
 # --- tamper detection -------------------------------------------------------
 
 @SLOW
