@@ -29,9 +29,12 @@ from .storage import PartialFiles, hash_published, is_disk_full
 from .store import FINAL_STATES
 
 # Chunks are made durable (fdatasync, then recorded) at least this often:
-# the most a crash can cost an in-flight transfer.
+# the most a crash can cost an in-flight transfer. The chunk count matters
+# only for folders of small files, where each flush is a syncfs with a fixed
+# cost that stalls the writes: 256 meant 40 of them per 10,000 files, and
+# 2048 gave 2,737 against 2,498 files/s (median of 8 alternating runs).
 FLUSH_BYTES = 64 << 20
-FLUSH_CHUNKS = 256
+FLUSH_CHUNKS = 2048
 FLUSH_SECONDS = 1.0
 # Held chunks are re-verified after a restart this many bytes per
 # worker-thread hop: what bounds the slot list kept meanwhile, and how long
