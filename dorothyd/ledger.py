@@ -138,15 +138,18 @@ class Record:
 
 def check_value(value: object, depth: int = 0) -> None:
     """Field values are nil, bool, int, str, bytes, lists and str-keyed maps.
-    No floats (one value, one meaning) and no extension types."""
+    No floats (one value, one meaning) and no extension types. Exact types
+    only, containers too: a subclass could show this walk other contents
+    than msgpack packs, and the writer signs what it packed without
+    decoding it again."""
     if depth > MAX_FIELD_DEPTH:
         raise ValueError(f"fields nest deeper than {MAX_FIELD_DEPTH}")
-    if isinstance(value, dict):
+    if type(value) is dict:
         for key, item in value.items():
             if type(key) is not str:
                 raise ValueError("field names must be strings")
             check_value(item, depth + 1)
-    elif isinstance(value, list):
+    elif type(value) is list:
         for item in value:
             check_value(item, depth + 1)
     elif value is not None and type(value) not in (bool, int, str, bytes):
@@ -524,11 +527,11 @@ class Ledger:
         # values check_value passed, which decode_record accepts as it is
         # (tests/test_ledger.py checks that), and decoding a record of
         # 50,000 files cost 30 MiB of objects at the peak.
-        body_view, _ = _split_envelope(payload)
-        record = Record(self._next_seq, time, event, fields, self._prev, signature, body_view, payload, self._end)
         try:
+            body_view, _ = _split_envelope(payload)  # refuses a signature of the wrong length
+            record = Record(self._next_seq, time, event, fields, self._prev, signature, body_view, payload, self._end)
             check_signature(record, self._verify_key)
-        except RecordError as exc:
+        except (ValueError, RecordError) as exc:
             raise LedgerError(f"refusing to write an unverifiable record: {exc}") from exc
         try:
             _write_all(self._fd, LENGTH_PREFIX.pack(len(payload)))

@@ -64,7 +64,7 @@ def _make_durable(partial: PartialFiles) -> None:
     back to the system. Without the trim, heap fragmentation let the peak
     creep with the transfer's length (4 GiB: receiver 55-58 MiB against
     50-56 for 1 GiB); with it, 50-52 against 49-50, at no measurable speed
-    cost. It runs at each flush: every 64 MiB, 256 chunks or second of
+    cost. It runs at each flush: every 64 MiB, 2,048 chunks or second of
     writes at the most, and when a connection ends (a trim took 1-2 ms)."""
     partial.flush()
     tuning.release_free_memory()

@@ -31,7 +31,8 @@ from .sources import SourceReader
 # both busy, few enough that memory stays a few MiB per transfer.
 WINDOW = 4
 # Bytes sent and fresh file hashes go to the state db together, in one
-# transaction at most once a second (or per SAVE_FILES hashes). They only
+# transaction, once a second or per SAVE_FILES hashes, whichever comes
+# first (and before `done`). They only
 # spare work after a restart (an active transfer's status comes from
 # memory); a commit per 64 small files had cost 17% of the event loop.
 SAVE_SECONDS = 1.0
@@ -154,8 +155,7 @@ class Outgoing:
             raise RemoteProtocolError(f"{quoted(row.path)} changed after it was queued", code="source_changed")
         if row.sha256 is None:
             self._fresh[index] = digest
-            if len(self._fresh) >= SAVE_FILES:
-                self._save_progress()
+            self._save_if_due()
 
     async def _small_files(self, out, batch: list) -> None:
         if not batch:
@@ -212,7 +212,10 @@ class Outgoing:
     def _count(self, length: int) -> None:
         """Progress: `length` more bytes of chunks are sent."""
         self.running.bytes_done += length
-        if trio.current_time() - self._saved_at >= SAVE_SECONDS:
+        self._save_if_due()
+
+    def _save_if_due(self) -> None:
+        if len(self._fresh) >= SAVE_FILES or trio.current_time() - self._saved_at >= SAVE_SECONDS:
             self._save_progress()
 
     def _save_progress(self) -> None:

@@ -106,6 +106,7 @@ def _transfer(tid: str, peer: str, peer_key: str, receipt: bytes, sha: str = "ab
             "files": files, "receipt": receipt}
 
 
+@settings(deadline=None)  # each example fsyncs up to 7 times
 @given(st.lists(events(), min_size=1, max_size=6))
 def test_the_record_append_returns_is_what_any_reader_decodes(items):
     # append builds its Record from what it packed instead of decoding the
@@ -425,14 +426,36 @@ def test_naive_clock_and_oversized_records_are_refused(tmp_path, monkeypatch):
     assert os.path.getsize(tmp_path / "ledger.bin") == 0
 
 
-def test_signer_with_a_different_key_is_refused(tmp_path):
+@pytest.mark.parametrize("signature", [lambda message: Signer(9).sign(message), lambda message: b"short"])
+def test_signer_with_a_different_key_or_a_bad_signature_is_refused(tmp_path, signature):
     class Mismatched(Signer):
         def sign(self, message: bytes) -> bytes:
-            return Signer(9).sign(message)
+            return signature(message)
 
     ledger = _open(tmp_path, Mismatched())
-    with pytest.raises(LedgerError):
+    with pytest.raises(LedgerError, match="unverifiable"):
         ledger.append("daemon_stopped", {})
+    assert os.path.getsize(tmp_path / "ledger.bin") == 0
+
+
+class _HidingList(list):
+    def __iter__(self):  # what a walk sees; msgpack packs the stored items
+        return iter([])
+
+
+class _HidingDict(dict):
+    def items(self):
+        return iter([])
+
+
+@pytest.mark.parametrize("value", [_HidingList([1.5]), _HidingDict(x=1.5), [_HidingList([1.5])], {"a": _HidingDict()}])
+def test_container_subclasses_are_refused(tmp_path, value):
+    # A subclass could show check_value other contents than msgpack packs,
+    # and the writer does not decode what it packed: such a record would be
+    # signed and written, and no reader could verify it.
+    ledger = _open(tmp_path)
+    with pytest.raises(LedgerError, match="not allowed"):
+        ledger.append("daemon_stopped", {"x": value})
     assert os.path.getsize(tmp_path / "ledger.bin") == 0
 
 
