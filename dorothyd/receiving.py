@@ -59,14 +59,14 @@ def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, in
     return layout
 
 
-def _make_durable(partial: PartialFiles) -> None:
-    """Worker thread: flush the partial files, then hand freed chunk buffers
-    back to the system. Without the trim, heap fragmentation let the peak
-    creep with the transfer's length (4 GiB: receiver 55-58 MiB against
-    50-56 for 1 GiB); with it, 50-52 against 49-50, at no measurable speed
-    cost. It runs at each flush: every 64 MiB, 2,048 chunks or second of
+def _make_durable(flush) -> None:
+    """Worker thread: flush the partial files (PartialFiles.flusher), then
+    hand freed chunk buffers back to the system. Without the trim, heap
+    fragmentation let the peak creep with the transfer's length (4 GiB:
+    receiver 55-58 MiB against 50-56 for 1 GiB); with it, 50-52 against
+    49-50, at no measurable speed cost. It runs at each flush: every 64 MiB, 2,048 chunks or second of
     writes at the most, and when a connection ends (a trim took 1-2 ms)."""
-    partial.flush()
+    flush()
     tuning.release_free_memory()
 
 
@@ -82,8 +82,9 @@ PERMANENT_CODES = frozenset(
 
 
 class InFlight:
-    """A batch of writes running in a worker thread while the event loop
-    goes on; `result()` waits for it. At most one per transfer at a time."""
+    """A batch of writes, or a flush, running in a worker thread while the
+    event loop goes on; `result()` waits for it. At most one of each per
+    transfer at a time."""
 
     def __init__(self, actions: list[WriteChunk], fn, *args):
         self.actions = actions
@@ -294,6 +295,9 @@ class Incoming:
         self._pending: list[tuple[int, int, int, bytes]] = []  # (file, index, slot, check): written, not yet durable
         self._pending_bytes = 0
         self._pending_since = 0.0
+        # A flush runs beside the writes that follow it; its chunks are
+        # recorded as held once it is done (see _flushed).
+        self._flushing: InFlight | None = None
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
@@ -309,6 +313,8 @@ class Incoming:
             await self.channel.send(machine.accept())
             while True:
                 message = await self.channel.receive()
+                if self._flushing is not None and self._flushing.finished:
+                    await self._flushed(machine)
                 if isinstance(message, messages.Done):
                     writing, queued, queued_bytes = await self._drain(writing, queued, partial, machine), [], 0
                     await self._flush(partial, machine)
@@ -347,6 +353,8 @@ class Incoming:
             with trio.CancelScope(shield=True):
                 if writing is not None:
                     await writing.settle()  # never close files under a running write
+                if self._flushing is not None:
+                    await self._flushing.settle()
                 # A dropped connection or a shutdown must not cost what
                 # already arrived: make it durable before letting go (a
                 # crash still can).
@@ -371,7 +379,8 @@ class Incoming:
             await self._written(InFlight(queued, partial.write_batch, queued), partial, machine)
 
     async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
-        """Account for a finished batch of writes; flush when enough is pending."""
+        """Account for a finished batch of writes, the only one there was;
+        start a flush when enough is pending."""
         checks = await writing.result()
         for action, check in zip(writing.actions, checks):
             if not self._pending:
@@ -383,13 +392,32 @@ class Incoming:
             or len(self._pending) >= FLUSH_CHUNKS
             or trio.current_time() - self._pending_since >= FLUSH_SECONDS
         ):
-            await self._flush(partial, machine)
+            await self._start_flush(partial, machine)
+
+    async def _start_flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
+        """Make the pending chunks durable in a worker thread while writing
+        goes on: a flush of a folder of small files is a syncfs of tens of
+        milliseconds, and receiving used to stop for it. Call only while no
+        write runs: the flush covers every write finished before it."""
+        if self._flushing is not None:
+            await self._flushed(machine)  # one at a time, recorded in order
+        if self._pending:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            self._flushing = InFlight(pending, _make_durable, partial.flusher())
 
     async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
-        if not self._pending:
-            return
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        await trio.to_thread.run_sync(_make_durable, partial)
+        """Every chunk written so far durable and held, before this returns."""
+        await self._start_flush(partial, machine)
+        if self._flushing is not None:
+            await self._flushed(machine)
+
+    async def _flushed(self, machine: ReceiverMachine) -> None:
+        """Wait for the flush in flight and record its chunks as held."""
+        flushing = self._flushing
+        await flushing.settle()
+        self._flushing = None  # only now: a cancel while waiting leaves it to the shielded cleanup
+        await flushing.result()
+        pending = flushing.actions
         self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
         self.node.store.add_chunks(self.id, [(slot, check) for _, _, slot, check in pending], self._done_bytes, iso_now())
         for file, index, _, _ in pending:
@@ -412,6 +440,9 @@ class Incoming:
     async def _end(self, state: str, error: str, partial: PartialFiles, *, by: str) -> None:
         self._running.ending = True
         self._pending, self._pending_bytes = [], 0  # written for a transfer that is over: nothing to save
+        if self._flushing is not None:
+            await self._flushing.settle()
+            self._flushing = None
         await trio.to_thread.run_sync(partial.discard)
         self.node.store.drop_chunks(self.id)
         self.node.store.update(self.id, iso_now(), state=state, error=error)

@@ -160,12 +160,33 @@ class PartialFiles:
 
     def flush(self) -> None:
         """Make every write so far durable."""
+        self.flusher()()
+
+    def flusher(self):
+        """A call that makes every write so far durable, and that may run
+        in another thread while later writes go on: it works on duplicates
+        of the descriptors it needs, which evicting or closing files cannot
+        touch. Build it while no write is running."""
         if len(self._dirty) > SYNCFS_THRESHOLD and self._dir_fd is not None:
-            _syncfs(self._dir_fd)
+            sync, fds = _syncfs, [os.dup(self._dir_fd)]
         else:
-            for index in list(self._dirty):
-                os.fdatasync(self._fd(index))
+            sync, fds = os.fdatasync, []
+            try:
+                for index in self._dirty:
+                    fds.append(os.dup(self._fd(index)))
+            except OSError:
+                _close_all(fds)
+                raise
         self._dirty.clear()
+
+        def flush() -> None:
+            try:
+                for fd in fds:
+                    sync(fd)
+            finally:
+                _close_all(fds)
+
+        return flush
 
     def create_empty(self) -> None:
         for index, size in enumerate(self._sizes):
@@ -262,6 +283,11 @@ def _make_durable_dir(path: Path) -> None:
     except FileExistsError:
         return
     fsync_dir(path.parent)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

@@ -45,6 +45,20 @@ def test_verify_finds_exactly_the_damaged_missing_and_short_chunks(tmp_path):
         reopened.close()
 
 
+@pytest.mark.parametrize("files", [2, 20], ids=["fdatasync-each", "syncfs"])
+def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
+    # A flush runs in its own thread while later writes evict and reopen
+    # files, or after the partial files are closed: it must not touch theirs.
+    before = len(os.listdir("/proc/self/fd"))
+    partial = PartialFiles(tmp_path, "t", [CHUNK] * files)
+    for index in range(files):
+        write(partial, index, 0, os.urandom(CHUNK))
+    flush = partial.flusher()
+    partial.close()
+    flush()  # no EBADF
+    assert len(os.listdir("/proc/self/fd")) == before  # and no duplicate left open
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.binary(min_size=1, max_size=4096), st.data())
 def test_the_check_changes_with_any_byte_of_the_chunk(data, draw):

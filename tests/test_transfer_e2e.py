@@ -5,18 +5,20 @@ in each direction, each run resuming to identical bytes."""
 import errno
 import hashlib
 import os
+import threading
 
 import pytest
 import trio
 import trio.testing
 
-from dorothy.dorothyd import audit, outbox, sources
+from dorothy.dorothyd import audit, outbox, receiving, sources
 from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import cancel_transfer, queue_transfer
 from dorothy.dorothyd.receiving import Incoming
 from dorothy.dorothyd.sending import deliver, notify_ended
 from dorothy.dorothyd.sources import SourceChanged, SourceReader, SourceUnavailable
+from dorothy.dorothyd.storage import PartialFiles
 
 from conftest import introduce
 
@@ -276,3 +278,54 @@ async def test_a_cancel_while_a_cut_attempt_saves_its_chunks_leaves_nothing(make
     assert cancels and receiver.store.get(transfer_id)["state"] == "cancelled"
     assert not (receiver.home.partial_dir / transfer_id).exists()
     assert receiver.store.chunks(transfer_id) == {}
+
+
+async def test_writing_goes_on_while_a_flush_runs_and_its_chunks_are_held_only_after(make_node, tmp_path, monkeypatch):
+    """A flush (for a folder of small files, a syncfs of tens of ms) runs in
+    a thread of its own: received chunks are written meanwhile, and the
+    chunks it covers are recorded as held only once it has returned. The
+    first flush here waits until a write happens beside it (at most 10 s:
+    a receiver that stopped writing for it fails the test)."""
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    sender, receiver = make_node("alpha", chunk_size=CHUNK), make_node("bravo", chunk_size=CHUNK)
+    introduce(sender, receiver)
+    data = os.urandom(40 * CHUNK)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "image.bin").write_bytes(data)
+    transfer_id = await queue_transfer(sender, "bravo", [str(tmp_path / "src" / "image.bin")])
+
+    changed = threading.Condition()
+    seen = {"flushes": 0, "flushing": False, "writes_beside": 0, "held_during": 0}
+    make_durable, write_batch, add_chunks = receiving._make_durable, PartialFiles.write_batch, receiver.store.add_chunks
+
+    def first_flush_waits_for_a_write(flush):
+        with changed:
+            seen["flushes"] += 1
+            if seen["flushes"] == 1:
+                seen["flushing"] = True
+                changed.wait_for(lambda: seen["writes_beside"] > 0, timeout=10)
+        try:
+            make_durable(flush)
+        finally:
+            with changed:
+                seen["flushing"] = False
+
+    def counted_write_batch(self, actions):
+        with changed:
+            if seen["flushing"]:
+                seen["writes_beside"] += 1
+                changed.notify_all()
+        return write_batch(self, actions)
+
+    def counted_add_chunks(*args, **kwargs):
+        with changed:
+            seen["held_during"] += seen["flushing"]
+        return add_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(receiving, "_make_durable", first_flush_waits_for_a_write)
+    monkeypatch.setattr(PartialFiles, "write_batch", counted_write_batch)
+    monkeypatch.setattr(receiver.store, "add_chunks", counted_add_chunks)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert seen["flushes"] > 1 and seen["writes_beside"] > 0 and seen["held_during"] == 0
+    assert_delivered(sender, receiver, {"image.bin": data}, transfer_id)
