@@ -113,6 +113,11 @@ class InFlight:
 
     async def result(self):
         await self._done.wait()
+        return self.take()
+
+    def take(self):
+        """The result of a finished run, with no checkpoint: nothing can
+        cancel the caller between taking it and acting on it."""
         self._taken = True
         return self._outcome.unwrap()
 
@@ -298,6 +303,7 @@ class Incoming:
         # A flush runs beside the writes that follow it; its chunks are
         # recorded as held once it is done (see _flushed).
         self._flushing: InFlight | None = None
+        self._flush_failed = False
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
@@ -401,12 +407,19 @@ class Incoming:
         write runs: the flush covers every write finished before it."""
         if self._flushing is not None:
             await self._flushed(machine)  # one at a time, recorded in order
-        if self._pending:
+        if self._flush_failed:
+            # After a failed fsync the kernel may have marked pages clean that
+            # never reached the disk (writes that ran beside it among them),
+            # and the next fsync of the file can succeed all the same:
+            # nothing more of this attempt is recorded as held.
+            self._pending, self._pending_bytes = [], 0
+        elif self._pending:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
             self._flushing = InFlight(pending, _make_durable, partial.flusher())
 
     async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
-        """Every chunk written so far durable and held, before this returns."""
+        """Every chunk written so far durable and held, before this returns
+        (unless a flush of this attempt failed: see _start_flush)."""
         await self._start_flush(partial, machine)
         if self._flushing is not None:
             await self._flushed(machine)
@@ -416,7 +429,11 @@ class Incoming:
         flushing = self._flushing
         await flushing.settle()
         self._flushing = None  # only now: a cancel while waiting leaves it to the shielded cleanup
-        await flushing.result()
+        try:
+            flushing.take()
+        except Exception:
+            self._flush_failed = True
+            raise
         pending = flushing.actions
         self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
         self.node.store.add_chunks(self.id, [(slot, check) for _, _, slot, check in pending], self._done_bytes, iso_now())

@@ -32,9 +32,9 @@ from .sources import SourceReader
 WINDOW = 4
 # Bytes sent and fresh file hashes go to the state db together, in one
 # transaction, once a second or per SAVE_FILES hashes, whichever comes
-# first (and before `done`). They only
-# spare work after a restart (an active transfer's status comes from
-# memory); a commit per 64 small files had cost 17% of the event loop.
+# first (and before `done`). They only spare work after a restart (an
+# active transfer's status comes from memory); a commit per 64 small files
+# had cost 17% of the event loop.
 SAVE_SECONDS = 1.0
 SAVE_FILES = 4096
 # Files of at most one chunk are read, hashed and sealed in batches, one

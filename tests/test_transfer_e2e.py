@@ -280,52 +280,96 @@ async def test_a_cancel_while_a_cut_attempt_saves_its_chunks_leaves_nothing(make
     assert receiver.store.chunks(transfer_id) == {}
 
 
-async def test_writing_goes_on_while_a_flush_runs_and_its_chunks_are_held_only_after(make_node, tmp_path, monkeypatch):
-    """A flush (for a folder of small files, a syncfs of tens of ms) runs in
-    a thread of its own: received chunks are written meanwhile, and the
-    chunks it covers are recorded as held only once it has returned. The
-    first flush here waits until a write happens beside it (at most 10 s:
-    a receiver that stopped writing for it fails the test)."""
-    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+class FirstFlushWaitsForAWrite:
+    """Holds the first flush of a transfer until a write batch has run beside
+    it (at most 10 s: a receiver that stopped writing for the flush fails the
+    test), then runs it, or fails it with EIO. Records what is written
+    beside it and what is recorded held, and when."""
+
+    def __init__(self, monkeypatch, receiver, *, fail: bool):
+        self.changed = threading.Condition()
+        self.flushes = self.writes_beside = self.written = 0
+        self.flushing = False
+        self.written_before_first = None
+        self.held: list[tuple[int, bool]] = []  # (chunks recorded held, while the first flush ran)
+        flusher, write_batch, add_chunks = PartialFiles.flusher, PartialFiles.write_batch, receiver.store.add_chunks
+
+        def held_first(partial):
+            flush = flusher(partial)  # on the event loop, with no write running
+            with self.changed:
+                self.flushes += 1
+                if self.flushes > 1:
+                    return flush
+                self.flushing, self.written_before_first = True, self.written
+
+            def first():
+                with self.changed:
+                    self.changed.wait_for(lambda: self.writes_beside > 0, timeout=10)
+                try:
+                    if fail:
+                        raise OSError(errno.EIO, "injected writeback failure")
+                    flush()
+                finally:
+                    with self.changed:
+                        self.flushing = False
+
+            return first
+
+        def counted_write_batch(partial, actions):
+            with self.changed:
+                self.written += len(actions)
+                if self.flushing:
+                    self.writes_beside += 1
+                    self.changed.notify_all()
+            return write_batch(partial, actions)
+
+        def counted_add_chunks(transfer_id, chunks, *args, **kwargs):
+            self.held.append((len(chunks), self.flushing))
+            return add_chunks(transfer_id, chunks, *args, **kwargs)
+
+        monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+        monkeypatch.setattr(PartialFiles, "flusher", held_first)
+        monkeypatch.setattr(PartialFiles, "write_batch", counted_write_batch)
+        monkeypatch.setattr(receiver.store, "add_chunks", counted_add_chunks)
+
+
+async def one_file_pair(make_node, tmp_path, chunks: int):
     sender, receiver = make_node("alpha", chunk_size=CHUNK), make_node("bravo", chunk_size=CHUNK)
     introduce(sender, receiver)
-    data = os.urandom(40 * CHUNK)
+    data = os.urandom(chunks * CHUNK)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "image.bin").write_bytes(data)
     transfer_id = await queue_transfer(sender, "bravo", [str(tmp_path / "src" / "image.bin")])
+    return sender, receiver, {"image.bin": data}, transfer_id
 
-    changed = threading.Condition()
-    seen = {"flushes": 0, "flushing": False, "writes_beside": 0, "held_during": 0}
-    make_durable, write_batch, add_chunks = receiving._make_durable, PartialFiles.write_batch, receiver.store.add_chunks
 
-    def first_flush_waits_for_a_write(flush):
-        with changed:
-            seen["flushes"] += 1
-            if seen["flushes"] == 1:
-                seen["flushing"] = True
-                changed.wait_for(lambda: seen["writes_beside"] > 0, timeout=10)
-        try:
-            make_durable(flush)
-        finally:
-            with changed:
-                seen["flushing"] = False
-
-    def counted_write_batch(self, actions):
-        with changed:
-            if seen["flushing"]:
-                seen["writes_beside"] += 1
-                changed.notify_all()
-        return write_batch(self, actions)
-
-    def counted_add_chunks(*args, **kwargs):
-        with changed:
-            seen["held_during"] += seen["flushing"]
-        return add_chunks(*args, **kwargs)
-
-    monkeypatch.setattr(receiving, "_make_durable", first_flush_waits_for_a_write)
-    monkeypatch.setattr(PartialFiles, "write_batch", counted_write_batch)
-    monkeypatch.setattr(receiver.store, "add_chunks", counted_add_chunks)
+async def test_writing_goes_on_while_a_flush_runs_and_its_chunks_are_held_only_after(make_node, tmp_path, monkeypatch):
+    """A flush (for a folder of small files, a syncfs of tens of ms) runs in
+    a thread of its own: received chunks are written meanwhile, and the
+    chunks it covers, only those, are recorded as held once it returns."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    probe = FirstFlushWaitsForAWrite(monkeypatch, receiver, fail=False)
     _, _, errors = await attempt(sender, receiver, transfer_id)
     assert errors == []
-    assert seen["flushes"] > 1 and seen["writes_beside"] > 0 and seen["held_during"] == 0
-    assert_delivered(sender, receiver, {"image.bin": data}, transfer_id)
+    assert probe.flushes > 1 and probe.writes_beside > 0
+    assert probe.held[0] == (probe.written_before_first, False)  # not the chunks written beside it
+    assert not any(during for _, during in probe.held)
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_after_a_failed_flush_nothing_more_of_the_attempt_is_held(make_node, tmp_path, monkeypatch):
+    """After a failed fsync the kernel may mark pages clean that never reached
+    the disk, among them writes that ran beside the flush, and a later fsync
+    of the same file succeeds: the attempt records nothing more as held, and
+    the next one fetches those chunks again."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    probe = FirstFlushWaitsForAWrite(monkeypatch, receiver, fail=True)
+    await attempt(sender, receiver, transfer_id)
+    assert probe.writes_beside > 0 and probe.held == []
+    assert receiver.store.get(transfer_id)["state"] == "waiting"
+    assert "injected writeback failure" in receiver.store.get(transfer_id)["error"]
+    assert receiver.store.chunks(transfer_id) == {}
+    monkeypatch.undo()
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
