@@ -25,16 +25,22 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
     peer = node.trust.get(peer_name)
     sources = await trio.to_thread.run_sync(collect, paths)
     transfer_id = os.urandom(16)
-    manifest = build_manifest(
-        sources,
-        transfer_id=transfer_id,
-        sender=node_key_bytes(node.node_key),
-        receiver=node_key_bytes(peer.node_key),
-        created=iso_now(),
-        chunk_size=node.config.chunk_size,
-    )
-    envelope = sign_manifest(manifest, node.identity.sign)
-    digest = manifest_hash(manifest.encode())
+
+    def signed_manifest():
+        # In a worker thread, as collecting is: for 100,000 names, checking
+        # and signing the manifest took 0.6 s, during which the event loop
+        # would serve no one.
+        manifest = build_manifest(
+            sources,
+            transfer_id=transfer_id,
+            sender=node_key_bytes(node.node_key),
+            receiver=node_key_bytes(peer.node_key),
+            created=iso_now(),
+            chunk_size=node.config.chunk_size,
+        )
+        return manifest, sign_manifest(manifest, node.identity.sign), manifest_hash(manifest.encode())
+
+    manifest, envelope, digest = await trio.to_thread.run_sync(signed_manifest)
     tid = transfer_id.hex()
     files = [(s.path, s.source, s.size, s.mtime_ns) for s in sources]
     await node.add_file_rows(tid, files)

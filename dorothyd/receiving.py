@@ -250,7 +250,7 @@ class Incoming:
         final = self.node.home.inbox_dir / self.peer.name / self.id
         if not final.is_dir():
             return None  # the usual case: no file rows to read back
-        files = self.node.store.files(self.id)
+        files = await self.node.files(self.id)
         if any(f.sha256 is None for f in files):
             return None
         digests = await trio.to_thread.run_sync(hash_published, final, [f.path for f in files])

@@ -58,17 +58,24 @@ class TransferAborted(Exception):
         self.aborted = aborted
 
 
+async def _sender_machine(row, peer: Peer) -> SenderMachine:
+    """The machine for our own stored manifest, checked again as the
+    receiver will check it: in a worker thread, since 100,000 names take a
+    third of a second, time in which the event loop would serve no one."""
+    manifest, manifest_hash = await trio.to_thread.run_sync(open_manifest, row["manifest"])
+    return SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
+
+
 class Outgoing:
-    def __init__(self, node: Node, channel: Channel, peer: Peer, row, running: Running):
+    def __init__(self, node: Node, channel: Channel, peer: Peer, row, running: Running, machine: SenderMachine):
         self.node = node
         self.channel = channel
         self.peer = peer
         self.row = row
         self.id = row["id"]
         self.running = running
-        manifest, manifest_hash = open_manifest(row["manifest"])
-        self.manifest = manifest
-        self.machine = SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
+        self.machine = machine
+        self.manifest = machine.manifest
         # SHA-256 state survives dropped connections (not restarts), so a
         # resumed transfer does not read again what it already hashed.
         self.hashers: dict[int, FileHasher] = node.sender_hashers.setdefault(self.id, {})
@@ -90,7 +97,7 @@ class Outgoing:
         return result
 
     async def _send_all(self, have: Bitmap) -> None:
-        self.running.bytes_done = _held_bytes(self.manifest, have)
+        self.running.bytes_done = await trio.to_thread.run_sync(_held_bytes, self.manifest, have)
         # The one buffer chunk records are built in, by one worker thread at
         # a time (_prepare and _whole_files never overlap for a transfer).
         self._record = bytearray(len(DATA_RECORD) + messages.MAX_CHUNK_HEADER + self.manifest.chunk_size)
@@ -111,7 +118,7 @@ class Outgoing:
         async with out:
             small: list[tuple[int, object, FileHasher, bool]] = []
             small_bytes = 0
-            for index, row in enumerate(self.node.store.files(self.id)):
+            for index, row in enumerate(await self.node.files(self.id)):
                 hasher = self._plan(index, row)
                 if hasher is None:  # held by the receiver, hash known
                     await self._file_done(out, index, row, row.sha256)
@@ -258,8 +265,8 @@ def _link_is_behind(out: trio.MemorySendChannel) -> bool:
 
 def _held_bytes(manifest, have: Bitmap) -> int:
     """Bytes the receiver already holds: whole chunks, less the shortfall of
-    each file's held last chunk. Per file, not per chunk, since this runs on
-    the event loop and an offer may have millions of chunks."""
+    each file's held last chunk. Per file, not per chunk: an offer may have
+    millions of chunks (and, in a worker thread, 100,000 files)."""
     held = have.count() * manifest.chunk_size
     for index, base in enumerate(manifest.chunk_bases()):
         count = manifest.chunk_count(index)
@@ -271,7 +278,8 @@ def _held_bytes(manifest, have: Bitmap) -> int:
 async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channel) -> None:
     """Run one attempt over `channel`; on success the delivery is in the
     ledger and the state db before this returns."""
-    delivered = await Outgoing(node, channel, peer, row, running).run()
+    machine = await _sender_machine(row, peer)
+    delivered = await Outgoing(node, channel, peer, row, running, machine).run()
     running.ending = True
     await _record_delivery(node, row, peer, delivered)
 
@@ -283,8 +291,7 @@ async def notify_ended(node: Node, row, peer: Peer, channel: Channel) -> None:
     in-band on the attempt that ended: a cancelled send can leave half a
     record on the wire, and records sealed but never sent leave the
     record counter behind.)"""
-    manifest, manifest_hash = open_manifest(row["manifest"])
-    machine = SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
+    machine = await _sender_machine(row, peer)
     await channel.send(machine.offer())
     reply = machine.receive(await channel.receive())
     if isinstance(reply, Delivered):
@@ -317,7 +324,7 @@ async def _closed_after_abort(channel: Channel) -> None:
 
 
 async def _record_delivery(node: Node, row, peer: Peer, delivered: Delivered) -> None:
-    files = node.store.files(row["id"])
+    files = await node.files(row["id"])
     for entry, digest in zip(files, delivered.receipt.file_sha256):
         if entry.sha256 is None:
             # Every hash is saved before `done` is sent, so an honest

@@ -124,12 +124,14 @@ class Store:
     def all_transfers(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM transfers ORDER BY created, id").fetchall()
 
-    def files(self, transfer_id: str) -> list[FileRow]:
+    def files(self, transfer_id: str, first: int = 0, limit: int = -1) -> list[FileRow]:
+        """File rows in manifest order, from index `first`, at most `limit` of them (-1: all)."""
         cursor = self._db.cursor()
         cursor.row_factory = None
         cursor.execute(
-            "SELECT idx, path, source, size, mtime_ns, sha256 FROM files WHERE transfer_id = ? ORDER BY idx",
-            (transfer_id,),
+            "SELECT idx, path, source, size, mtime_ns, sha256 FROM files WHERE transfer_id = ? AND idx >= ?"
+            " ORDER BY idx LIMIT ?",
+            (transfer_id, first, limit),
         )
         return list(map(FileRow._make, cursor))
 
