@@ -93,7 +93,7 @@ class Node:
         add_file_rows adds them: 100,000 in one read held the event loop
         0.2-0.4 s."""
         rows = []
-        while step := self.store.files(transfer_id, first=len(rows), limit=FILE_ROWS_PER_STEP):
+        while step := self.store.files(transfer_id, first=rows[-1].idx + 1 if rows else 0, limit=FILE_ROWS_PER_STEP):
             rows.extend(step)
             await trio.lowlevel.checkpoint()
         return rows

@@ -8,6 +8,7 @@ committed before the receipt leaves this node.
 """
 
 import bisect
+import errno
 import shutil
 import sqlite3
 
@@ -64,8 +65,9 @@ def _make_durable(flush) -> None:
     hand freed chunk buffers back to the system. Without the trim, heap
     fragmentation let the peak creep with the transfer's length (4 GiB:
     receiver 55-58 MiB against 50-56 for 1 GiB); with it, 50-52 against
-    49-50, at no measurable speed cost. It runs at each flush: every 64 MiB, 2,048 chunks or second of
-    writes at the most, and when a connection ends (a trim took 1-2 ms)."""
+    49-50, at no measurable speed cost. It runs at each flush: every 64 MiB,
+    2,048 chunks or second of writes at the most, and when a connection
+    ends (a trim took 1-2 ms)."""
     flush()
     tuning.release_free_memory()
 
@@ -413,13 +415,13 @@ class Incoming:
             # and the next fsync of the file can succeed all the same:
             # nothing more of this attempt is recorded as held.
             self._pending, self._pending_bytes = [], 0
-        elif self._pending:
+            raise OSError(errno.EIO, "an earlier flush on this connection failed; nothing more of it is saved")
+        if self._pending:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
             self._flushing = InFlight(pending, _make_durable, partial.flusher())
 
     async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
-        """Every chunk written so far durable and held, before this returns
-        (unless a flush of this attempt failed: see _start_flush)."""
+        """Every chunk written so far durable and held, before this returns."""
         await self._start_flush(partial, machine)
         if self._flushing is not None:
             await self._flushed(machine)

@@ -379,9 +379,10 @@ async def test_after_a_failed_flush_nothing_more_of_the_attempt_is_held(make_nod
 
 async def test_queueing_and_offering_100000_files_does_not_stall_the_event_loop(make_node, tmp_path, monkeypatch):
     """Checking and signing a manifest of 100,000 names (at queueing), and
-    checking it again (at each attempt), take a third of a second or more:
-    in worker threads, the event loop serves everyone meanwhile. (The
-    sources are never read: the attempt fails when it opens the first.)
+    checking it again (at each attempt), take half a second or more: in
+    worker threads, the event loop serves everyone meanwhile. (The sources
+    are never read: the attempt fails when it opens the first.) Steps take
+    0.08-0.12 s here; the bound leaves room for a loaded machine.
     The garbage collector is off meanwhile: with a few hundred thousand
     objects alive (the suite's and the manifest's), one full collection
     takes 0.1-0.2 s of whichever step triggers it, a pause of CPython's
@@ -401,4 +402,4 @@ async def test_queueing_and_offering_100000_files_does_not_stall_the_event_loop(
         trio.lowlevel.remove_instrument(steps)
     assert "evidence-000000.bin': cannot open" in repr(errors[0])  # the sender got as far as reading
     assert receiver.store.get(transfer_id) is not None  # after the receiver accepted the offer
-    assert steps.longest < 0.2, f"event loop blocked for {steps.longest:.2f} s in one step"
+    assert steps.longest < 0.3, f"event loop blocked for {steps.longest:.2f} s in one step"
