@@ -30,7 +30,7 @@ def _human(n: float) -> str:
 def _line(t: dict) -> str:
     arrow = "->" if t["direction"] == "out" else "<-"
     pct = 100.0 * t["bytes_done"] / t["bytes_total"] if t["bytes_total"] else 100.0
-    text = f"{t['id']}  {arrow} {escape(t['peer'])}  {t['state']:<9} {pct:5.1f}%  {_human(t['bytes_total'])}  {len(t['files'])} files"
+    text = f"{t['id']}  {arrow} {escape(t['peer'])}  {t['state']:<9} {pct:5.1f}%  {_human(t['bytes_total'])}  {t['file_count']} files"
     if t["error"]:
         text += f"  ({escape(t['error'])})"
     return text

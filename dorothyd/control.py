@@ -141,7 +141,9 @@ async def _dispatch(node: Node, request: dict) -> dict:
     if op == "status" and request.get("id") is not None:
         return {"transfer": describe(node, find(node, _id(request)), with_files=request.get("files", True) is not False)}
     if op == "status":
-        return {"transfers": [describe(node, row) for row in node.store.all_transfers()]}
+        # Without their files: every transfer's would grow without bound
+        # (a phone extraction is 50,000), past what a reply may carry.
+        return {"transfers": [describe(node, row, with_files=False) for row in node.store.all_transfers()]}
     if op == "wait":
         return {"transfer": await _wait(node, _id(request), _seconds(request))}
     if op == "cancel":

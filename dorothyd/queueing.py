@@ -76,11 +76,13 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
 
 def describe(node: Node, row, *, with_files: bool = True) -> dict:
     """A transfer as `dorothy status --json` shows it. Without files for
-    frequent progress polls: a folder can list 100,000 of them."""
+    progress polls and for the list of all transfers: a folder can list
+    100,000 of them."""
     running = node.running.get(row["id"])
     bytes_done = row["bytes_done"]
     if running is not None and row["state"] not in FINAL_STATES:
         bytes_done = max(bytes_done, running.bytes_done)
+    files = node.store.files(row["id"]) if with_files else None
     return {
         "id": row["id"],
         "peer": row["peer"],
@@ -88,9 +90,9 @@ def describe(node: Node, row, *, with_files: bool = True) -> dict:
         "state": row["state"],
         "bytes_total": row["bytes_total"],
         "bytes_done": bytes_done,
+        "file_count": len(files) if with_files else node.store.file_count(row["id"]),
         "files": [
-            {"path": f.path, "size": f.size, "sha256": f.sha256.hex() if f.sha256 else None}
-            for f in node.store.files(row["id"])
+            {"path": f.path, "size": f.size, "sha256": f.sha256.hex() if f.sha256 else None} for f in files
         ]
         if with_files
         else None,

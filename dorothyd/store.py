@@ -135,6 +135,9 @@ class Store:
         )
         return list(map(FileRow._make, cursor))
 
+    def file_count(self, transfer_id: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM files WHERE transfer_id = ?", (transfer_id,)).fetchone()[0]
+
     def update(self, transfer_id: str, now: str, **fields) -> None:
         columns = ", ".join(f"{name} = ?" for name in fields)
         self._db.execute(

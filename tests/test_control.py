@@ -61,6 +61,16 @@ async def test_wait_answers_the_moment_the_transfer_ends(make_node, clock):
     assert trio.current_time() == started  # no timer fired: answered on the update
 
 
+async def test_the_list_of_transfers_counts_files_without_listing_them(make_node):
+    # A node's history of files grows without bound (a phone extraction is
+    # 50,000): the list carries counts; one transfer's status, its files.
+    node = with_transfer(make_node)
+    listed = (await _dispatch(node, {"op": "status"}))["transfers"]
+    assert [(t["id"], t["file_count"], t["files"]) for t in listed] == [(TRANSFER, 1, None)]
+    one = (await _dispatch(node, {"op": "status", "id": TRANSFER}))["transfer"]
+    assert one["file_count"] == 1 and [f["path"] for f in one["files"]] == ["a.bin"]
+
+
 async def test_wait_gives_the_transfer_as_it_is_after_the_given_seconds(make_node, clock):
     node = with_transfer(make_node)
     started = trio.current_time()
