@@ -126,7 +126,7 @@ async def _wait(node: Node, transfer_id: str, seconds: float) -> dict:
         while row["state"] not in FINAL_STATES:
             await node.next_update()
             row = find(node, transfer_id)
-    return describe(node, row, with_files=False)
+    return describe(node, row)
 
 
 async def _dispatch(node: Node, request: dict) -> dict:
@@ -139,11 +139,13 @@ async def _dispatch(node: Node, request: dict) -> dict:
             raise RequestError("'peer' must be a string")
         return {"id": await queue_transfer(node, peer, _string_list(request, "paths"))}
     if op == "status" and request.get("id") is not None:
-        return {"transfer": describe(node, find(node, _id(request)), with_files=request.get("files", True) is not False)}
+        row = find(node, _id(request))
+        files = await node.files(row["id"]) if request.get("files", True) is not False else None
+        return {"transfer": describe(node, row, files)}
     if op == "status":
         # Without their files: every transfer's would grow without bound
         # (a phone extraction is 50,000), past what a reply may carry.
-        return {"transfers": [describe(node, row, with_files=False) for row in node.store.all_transfers()]}
+        return {"transfers": [describe(node, row) for row in node.store.all_transfers()]}
     if op == "wait":
         return {"transfer": await _wait(node, _id(request), _seconds(request))}
     if op == "cancel":

@@ -74,15 +74,14 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
 
 
 
-def describe(node: Node, row, *, with_files: bool = True) -> dict:
-    """A transfer as `dorothy status --json` shows it. Without files for
-    progress polls and for the list of all transfers: a folder can list
-    100,000 of them."""
+def describe(node: Node, row, files: list | None = None) -> dict:
+    """A transfer as `dorothy status --json` shows it, with `files` (its
+    rows, read with Node.files) for `dorothy status ID`; without, for
+    progress polls and the list of all transfers: a folder can list 100,000."""
     running = node.running.get(row["id"])
     bytes_done = row["bytes_done"]
     if running is not None and row["state"] not in FINAL_STATES:
         bytes_done = max(bytes_done, running.bytes_done)
-    files = node.store.files(row["id"]) if with_files else None
     return {
         "id": row["id"],
         "peer": row["peer"],
@@ -90,12 +89,10 @@ def describe(node: Node, row, *, with_files: bool = True) -> dict:
         "state": row["state"],
         "bytes_total": row["bytes_total"],
         "bytes_done": bytes_done,
-        "file_count": len(files) if with_files else node.store.file_count(row["id"]),
-        "files": [
-            {"path": f.path, "size": f.size, "sha256": f.sha256.hex() if f.sha256 else None} for f in files
-        ]
-        if with_files
-        else None,
+        "file_count": node.store.file_count(row["id"]) if files is None else len(files),
+        "files": None
+        if files is None
+        else [{"path": f.path, "size": f.size, "sha256": f.sha256.hex() if f.sha256 else None} for f in files],
         "error": row["error"],
         "created": row["created"],
         "updated": row["updated"],
