@@ -7,21 +7,25 @@ import sys
 
 import click
 
-from ..dorothyd.config import ConfigError
 from ..dorothyd.home import Home, resolve_home
-from ..dorothyd.audit import AuditError
-from ..dorothyd.ledger import Ledger, LedgerError
-from ..dorothyd.note import NoteError
-from ..dorothyd.clock import utc_now
-from ..keys.errors import KeysError
-from ..keys.identity import NodeIdentity
 from .client import ClientError
 
 # Everything Dorothy creates in a home (keys, state, ledger, evidence) is
 # for its owner alone.
 OWNER_ONLY = 0o077
 
-USER_ERRORS = (ClientError, KeysError, ConfigError, LedgerError, AuditError, NoteError, OSError, ValueError)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors shown as one line. Their modules are imported once one
+    is raised, not at start-up: they are most of what a command such as
+    `send` would otherwise load and never use."""
+    from ..dorothyd.audit import AuditError
+    from ..dorothyd.config import ConfigError
+    from ..dorothyd.ledger import LedgerError
+    from ..dorothyd.note import NoteError
+    from ..keys.errors import KeysError
+
+    return (ClientError, KeysError, ConfigError, LedgerError, AuditError, NoteError, OSError, ValueError)
 
 
 class Group(click.Group):
@@ -31,7 +35,11 @@ class Group(click.Group):
         previous = os.umask(OWNER_ONLY)
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: usage errors, --help
+        except Exception as exc:
+            if not isinstance(exc, _user_errors()):
+                raise
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
             click.echo(f"dorothy: {where}{message}", err=True)
@@ -59,15 +67,6 @@ def existing_home(home_path: str | None) -> Home:
     if not home.exists():
         raise ClientError(f"{home.root} is not a Dorothy home; create one with: dorothy init --home {home.root} --name NAME")
     return home
-
-
-def load_identity(home: Home) -> NodeIdentity:
-    passphrase = os.environ.get("DOROTHY_PASSPHRASE")
-    return NodeIdentity.load(home.key_file, passphrase.encode() if passphrase else None)
-
-
-def open_ledger(home: Home) -> Ledger:
-    return Ledger.open(home.ledger_dir, load_identity(home), now=utc_now)
 
 
 def emit(obj) -> None:

@@ -15,7 +15,8 @@ from ..dorothyd.note import unverified_checkpoint
 from ..keys.nodekey import NodeKey
 from ..protocol.paths import escape
 from .client import ClientError
-from .common import emit, existing_home, home_option, load_identity
+from .common import emit, existing_home, home_option
+from .nodefiles import load_identity
 
 
 def _iso(text: str | None) -> datetime | None:

@@ -7,7 +7,8 @@ import click
 from ..dorothyd.config import load_config, parse_listen
 from ..dorothyd.provision import HomeExists, create_home
 from .client import ClientError
-from .common import emit, existing_home, get_home, home_option, load_identity
+from .common import emit, existing_home, get_home, home_option
+from .nodefiles import load_identity
 
 
 @click.command()

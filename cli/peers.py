@@ -7,7 +7,8 @@ import click
 from ..keys.nodekey import NodeKey
 from ..keys.truststore import TrustStore
 from ..protocol.paths import escape
-from .common import emit, existing_home, home_option, open_ledger
+from .common import emit, existing_home, home_option
+from .nodefiles import open_ledger
 
 
 def _store_and_ledger(home_path):
