@@ -8,6 +8,7 @@ signed envelope (see signed.py); its hash is SHA-256 of the body bytes.
 
 from dataclasses import dataclass
 from hashlib import sha256
+from typing import NamedTuple
 
 from . import signed
 from .codec import Fields, pack, unpack
@@ -32,8 +33,9 @@ TRANSFER_ID_LEN = 16
 NODE_KEY_LEN = 64  # Ed25519 public key || X25519 public key
 
 
-@dataclass(frozen=True, slots=True)
-class FileEntry:
+class FileEntry(NamedTuple):
+    # A tuple, not a frozen dataclass: an offer of 10,000 files builds
+    # 10,000 of them, and the dataclass's __init__ was a quarter of checking it.
     path: str
     size: int
     mtime_ns: int

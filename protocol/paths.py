@@ -51,13 +51,18 @@ def validate_path(path: object) -> str:
         raise bad("contains NUL")
     if path.startswith("/"):
         raise bad("is absolute")
-    for component in path.split("/"):
-        if component == "":
-            raise bad("has an empty component")
-        if component in (".", ".."):
-            raise bad(f"has a {component!r} component")
-        if len(component.encode("utf-8")) > MAX_COMPONENT_BYTES:
-            raise bad(f"has a component longer than {MAX_COMPONENT_BYTES} bytes")
+    # Whole-list tests, and each component's length only when the path could
+    # hold a long one: the receiver checks every name of an offer.
+    components = path.split("/")
+    if "" in components:
+        raise bad("has an empty component")
+    for dots in (".", ".."):
+        if dots in components:
+            raise bad(f"has a {dots!r} component")
+    if len(encoded) > MAX_COMPONENT_BYTES:
+        for component in components:
+            if len(component.encode("utf-8")) > MAX_COMPONENT_BYTES:
+                raise bad(f"has a component longer than {MAX_COMPONENT_BYTES} bytes")
     return path
 
 
@@ -65,7 +70,10 @@ def _fold(path: str) -> str:
     # Case-insensitive and normalising filesystems (NTFS, APFS, exFAT) treat
     # these as one name; evidence copied onwards must not silently merge.
     # Unicode's canonical caseless match (D145): casefolding can undo NFC,
-    # hence normalising on both sides of it.
+    # hence normalising on both sides of it. ASCII is its own NFC, and its
+    # casefold is lower(): the fast way for most names.
+    if path.isascii():
+        return path.lower()
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
 
 
@@ -83,10 +91,14 @@ def check_collisions(paths: list[str]) -> None:
             raise PathError(f"path {quoted(path)} collides with {quoted(other)} on case-insensitive filesystems")
         if folded in directories:
             raise PathError(f"path {quoted(path)} is a file, but {quoted(directories[folded])} needs it to be a directory")
-        parts = folded.split("/")
-        for depth in range(1, len(parts)):
-            prefix = "/".join(parts[:depth])
-            if prefix in files:
-                raise PathError(f"path {quoted(path)} needs {quoted(files[prefix])} to be a directory, but it is a file")
-            directories.setdefault(prefix, path)
+        # A directory already listed had its parents checked then, and any
+        # file named like one of them since was refused above: siblings (most
+        # paths of a folder) skip the walk up.
+        if folded.rpartition("/")[0] not in directories:
+            parts = folded.split("/")
+            for depth in range(1, len(parts)):
+                prefix = "/".join(parts[:depth])
+                if prefix in files:
+                    raise PathError(f"path {quoted(path)} needs {quoted(files[prefix])} to be a directory, but it is a file")
+                directories.setdefault(prefix, path)
         files[folded] = path
