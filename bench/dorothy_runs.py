@@ -129,7 +129,10 @@ class ProxyMonitor(threading.Thread):
 
 def resume_after_cut(work: Path, path: Path, log) -> dict:
     """Cut alpha's first connection once half the file passed upward; the
-    sender reconnects and finishes. Re-sent = bytes up in total - file size."""
+    sender reconnects and finishes. Re-sent = bytes up in total - file size.
+    What each daemon read() (/proc/PID/io rchar; sockets do not count): the
+    sender, the file once plus what was in flight at the cut; the receiver,
+    none of its held chunks again (its state db and ledger, a little)."""
     size = path.stat().st_size
     with Pair(work, "resume-cut", retry=FAST_RETRY) as nodes:
         proxy = FaultProxy((nodes.bravo.host, nodes.bravo.port))
@@ -144,9 +147,11 @@ def resume_after_cut(work: Path, path: Path, log) -> dict:
             monitor = ProxyMonitor(proxy, clear_after_first)
             monitor.start()
             read_before = io_counters(nodes.alpha.process.pid).get("rchar", 0)
+            receiver_read_before = io_counters(nodes.bravo.process.pid).get("rchar", 0)
             run = run_command(nodes.send_command(path), nodes.groups(), client="cli")
             monitor.stop()
             read_after = io_counters(nodes.alpha.process.pid).get("rchar", 0)
+            receiver_read = io_counters(nodes.bravo.process.pid).get("rchar", 0) - receiver_read_before
             start = monitor.samples[0][0]
             reconnect = monitor.first(lambda s: s[1] >= 2)
             up_at_reconnect = reconnect[2] if reconnect else None
@@ -162,13 +167,15 @@ def resume_after_cut(work: Path, path: Path, log) -> dict:
                 "after_reconnect_s": round(start + run["wall_s"] - reconnect[0], 2) if reconnect else None,
                 "up_bytes_before_reconnect": up_at_reconnect,
                 "sender_read_bytes": read_after - read_before,
+                "receiver_read_bytes": receiver_read,
                 "cpu_s": run["cpu_s"],
             }
             if run["rc"] != 0:
                 result["stderr"] = run["stderr"][-500:]
     log(
         f"  resume after cut: {result['wall_s']:.2f}s, re-sent {result['resent_bytes'] / MiB:.2f} MiB, "
-        f"sender read {result['sender_read_bytes'] / MiB:.0f} MiB for a {size / MiB:.0f} MiB file, ok={result['ok']}"
+        f"sender read {result['sender_read_bytes'] / MiB:.0f} MiB for a {size / MiB:.0f} MiB file, "
+        f"receiver read {result['receiver_read_bytes'] / MiB:.1f} MiB, ok={result['ok']}"
     )
     return result
 

@@ -62,7 +62,8 @@ def resume(results: dict) -> str:
         rows.append([
             "dorothy: connection cut (FaultProxy)", _num(cut["wall_s"], "{:.2f}"), _num(cut["resent_bytes"] / MiB, "{:.2f}"),
             f"reconnected {cut['reconnect_after_s']}s after start; sender read {cut['sender_read_bytes'] / MiB:.0f} MiB "
-            f"for {cut['size'] / MiB:.0f} MiB" + ("" if cut["ok"] else "  FAILED"),
+            f"for {cut['size'] / MiB:.0f} MiB; receiver read {cut['receiver_read_bytes'] / MiB:.1f} MiB"
+            + ("" if cut["ok"] else "  FAILED"),
         ])
     restart = results.get("dorothy_restart")
     if restart:

@@ -17,6 +17,7 @@ from .home import Home
 from .ledger import Ledger
 from .logs import log
 from .note import NoteError, verify_checkpoint
+from .storage import FileHashes
 from .store import Store
 
 
@@ -57,6 +58,9 @@ class Node:
     # across dropped connections; both are rebuilt after a restart.
     retry_at: dict[str, float] = field(default_factory=dict)
     sender_hashers: dict[str, dict] = field(default_factory=dict)
+    # The receivers' counterpart, kept by an attempt that ended with every
+    # chunk it wrote held: the next connection then reads nothing back.
+    received_hashes: dict[str, FileHashes] = field(default_factory=dict)
     _ledger_lock: trio.Lock = field(default_factory=trio.Lock)
     _outbox_wakeup: trio.Event = field(default_factory=trio.Event)
     _updated: trio.Event = field(default_factory=trio.Event)

@@ -130,6 +130,7 @@ async def cancel_transfer(node: Node, row) -> None:
     await node.record("transfer_cancelled", fields)
     if row["direction"] == "in":
         node.store.drop_chunks(row["id"])
+        node.received_hashes.pop(row["id"], None)
         if running is None:
             await trio.to_thread.run_sync(shutil.rmtree, node.home.partial_dir / row["id"], True)
     node.wake_outbox()

@@ -162,6 +162,7 @@ class Incoming:
         """The partial files, and the records of the chunks they held."""
         await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
         self.node.store.drop_chunks(self.id)
+        self.node.received_hashes.pop(self.id, None)
 
     async def _abort_quietly(self, code: str, reason: str) -> None:
         """A final abort on a connection that may already be gone: the peer
@@ -264,10 +265,14 @@ class Incoming:
         """Open the partial files and re-verify every chunk recorded as held:
         damage while we were down is found here and fetched again. Held
         chunks are read from the state db a page at a time, so a resumed
-        500 GB image costs no more memory than a small one."""
+        500 GB image costs no more memory than a small one. After a dropped
+        connection, with this process still up, the chunks held were written
+        or verified by it, and the files' SHA-256 state was kept
+        (_keep_hashes): nothing is read back."""
         store, manifest = self.node.store, self.manifest
         sizes = [entry.size for entry in manifest.files]
-        partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes)
+        kept = self.node.received_hashes.pop(self.id, None)  # matches the held chunks until more are written
+        partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes, kept)
         try:
             have = Bitmap(manifest.total_chunks)
             done_bytes, damaged, verified, last = 0, [], 0, -1
@@ -275,7 +280,7 @@ class Incoming:
             page = max(1, VERIFY_PAGE_BYTES // manifest.chunk_size)
             while held := store.chunks(self.id, after=last, limit=page):
                 layout = _slot_layout(manifest, held)
-                bad = set(await trio.to_thread.run_sync(partial.verify, held, layout))
+                bad = set() if kept else set(await trio.to_thread.run_sync(partial.verify, held, layout))
                 for slot, _, _, length in layout:
                     if slot not in bad:
                         have.add(slot)
@@ -283,7 +288,9 @@ class Incoming:
                 damaged.extend(bad)
                 verified += len(layout)
                 last = layout[-1][0]
-            if verified:  # what a restart costs, for operators (and the bench)
+            if verified and kept:
+                log.info("transfer %s: resumed with %d held chunks, %d bytes, none read back", self.id, verified, done_bytes)
+            elif verified:  # what a restart costs, for operators (and the bench)
                 log.info("transfer %s: re-verified %d held chunks, %d bytes, in %.2f s",
                          self.id, verified, done_bytes, trio.current_time() - started)
             if damaged:
@@ -306,6 +313,9 @@ class Incoming:
         # recorded as held once it is done (see _flushed).
         self._flushing: InFlight | None = None
         self._flush_failed = False
+        # Chunks handed to the writer, and of those, recorded as held: equal
+        # at the end when every chunk hashed is on disk (_keep_hashes).
+        self._handed = self._held = 0
         self._running = running
         running.bytes_done = self._done_bytes
         machine = ReceiverMachine(self.manifest, have)
@@ -334,7 +344,7 @@ class Incoming:
                         await self._written(writing, partial, machine)
                         writing = None
                     if writing is None:
-                        writing, queued, queued_bytes = InFlight(queued, partial.write_batch, queued), [], 0
+                        writing, queued, queued_bytes = self._write(partial, queued), [], 0
                 elif isinstance(action, (Aborted, Finalize)):
                     writing, queued = await self._drain(writing, queued, partial, machine), []
                     if isinstance(action, Aborted):
@@ -374,17 +384,34 @@ class Incoming:
                     await self._flush_quietly(partial, machine)
             partial.close()
             try:
-                if store.get(self.id)["state"] == "active":
+                state = store.get(self.id)["state"]
+                if state == "active":
                     store.update(self.id, iso_now(), state="waiting")
+                if state not in FINAL_STATES:
+                    self._keep_hashes(partial)
             except sqlite3.OperationalError:
                 pass  # a full disk: restart marks it waiting too
+
+    def _keep_hashes(self, partial: PartialFiles) -> None:
+        """Keep the files' SHA-256 state for the next connection, so that it
+        reads back nothing: only when every chunk handed to the writer was
+        made durable and held. A chunk hashed but not held would be received
+        again, and had its bytes differed then, the disk would not hold what
+        was hashed."""
+        if self._held == self._handed and not self._flush_failed:
+            self.node.received_hashes[self.id] = partial.hashes
+
+    def _write(self, partial: PartialFiles, actions: list[WriteChunk]) -> InFlight:
+        """Start writing a batch of chunks in a worker thread."""
+        self._handed += len(actions)
+        return InFlight(actions, partial.write_batch, actions)
 
     async def _drain(self, writing, queued: list[WriteChunk], partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Finish the batch in flight and write what is queued."""
         if writing is not None:
             await self._written(writing, partial, machine)
         if queued:
-            await self._written(InFlight(queued, partial.write_batch, queued), partial, machine)
+            await self._written(self._write(partial, queued), partial, machine)
 
     async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Account for a finished batch of writes, the only one there was;
@@ -439,6 +466,7 @@ class Incoming:
         pending = flushing.actions
         self._done_bytes += sum(self.manifest.chunk_length(f, i) for f, i, _, _ in pending)
         self.node.store.add_chunks(self.id, [(slot, check) for _, _, slot, check in pending], self._done_bytes, iso_now())
+        self._held += len(pending)
         for file, index, _, _ in pending:
             machine.chunk_durable(file, index)
         self._running.bytes_done = self._done_bytes

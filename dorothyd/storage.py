@@ -16,6 +16,7 @@ import mmap
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol import aegis
@@ -71,11 +72,22 @@ def chunk_check(data) -> bytes:
     return aegis.mac(data, CHECK_NONCE, CHECK_KEY)[:CHECK_LEN]
 
 
+@dataclass
+class FileHashes:
+    """The SHA-256 of an incoming transfer's files as far as received: a
+    running hash of each file's contiguous prefix, replaced by the digest
+    once the file is complete (10,000 running hashes would hold 5 MiB)."""
+
+    running: dict[int, FileHasher] = field(default_factory=dict)
+    complete: dict[int, bytes] = field(default_factory=dict)
+
+
 class PartialFiles:
     """The on-disk side of one incoming transfer (blocking calls: run them
-    in a worker thread)."""
+    in a worker thread). `hashes` continues those of an earlier connection;
+    they must cover exactly the chunks held on disk."""
 
-    def __init__(self, partial_root: Path, transfer_id: str, sizes: list[int]):
+    def __init__(self, partial_root: Path, transfer_id: str, sizes: list[int], hashes: FileHashes | None = None):
         self.directory = partial_root / transfer_id
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Files are opened relative to the directory: no path to build and
@@ -86,11 +98,7 @@ class PartialFiles:
         self._open: OrderedDict[int, tuple[int, int | None]] = OrderedDict()
         self._dirty: set[int] = set()
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
-        # Running SHA-256 of files being received; a file's hasher is
-        # replaced by its digest once complete (10,000 of them would hold
-        # 5 MiB of hash state until the end).
-        self._hashers: dict[int, FileHasher] = {}
-        self._digests: dict[int, bytes] = {}
+        self.hashes = hashes or FileHashes()
 
     def _fds(self, index: int) -> tuple[int, int | None]:
         if self._dir_fd is None:  # never fall back to a path relative to the working directory
@@ -140,12 +148,13 @@ class PartialFiles:
         self._dirty.add(index)
 
     def _feed(self, index: int, offset: int, data: bytes) -> None:
-        if index in self._digests:
+        running, complete = self.hashes.running, self.hashes.complete
+        if index in complete:
             return
-        hasher = self._hashers.setdefault(index, FileHasher())
+        hasher = running.setdefault(index, FileHasher())
         hasher.feed(offset, data)
         if hasher.offset == self._sizes[index]:
-            self._digests[index] = self._hashers.pop(index).digest()
+            complete[index] = running.pop(index).digest()
 
     def write_batch(self, actions) -> list[bytes]:
         """Write several WriteChunk actions (one worker-thread hop) and
@@ -212,11 +221,12 @@ class PartialFiles:
         return damaged
 
     def file_sha256(self, index: int) -> bytes:
-        if index not in self._digests:
-            hasher = self._hashers.pop(index, None) or FileHasher()
+        complete = self.hashes.complete
+        if index not in complete:
+            hasher = self.hashes.running.pop(index, None) or FileHasher()
             hasher.catch_up(self._fd(index), self._sizes[index])
-            self._digests[index] = hasher.digest()
-        return self._digests[index]
+            complete[index] = hasher.digest()
+        return complete[index]
 
     def close(self) -> None:
         while self._open:

@@ -377,6 +377,111 @@ async def test_after_a_failed_flush_nothing_more_of_the_attempt_is_held(make_nod
     assert_delivered(sender, receiver, files, transfer_id)
 
 
+class PartialReads:
+    """Counts the bytes read back from a receiver's partial files."""
+
+    def __init__(self, monkeypatch, receiver):
+        self.bytes = 0
+        partial_dir = str(receiver.home.partial_dir)
+        pread = os.pread
+
+        def counted(fd, length, offset):
+            data = pread(fd, length, offset)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(partial_dir):
+                self.bytes += len(data)
+            return data
+
+        monkeypatch.setattr(os, "pread", counted)
+
+
+def held_bytes(receiver, transfer_id) -> int:
+    return receiver.store.get(transfer_id)["bytes_done"]
+
+
+async def test_after_a_dropped_connection_the_receiver_reads_back_nothing_it_holds(make_node, tmp_path, monkeypatch):
+    """The chunks it holds were written by this process, and the files'
+    SHA-256 state was kept: the next connection re-reads none of them (for
+    an image of 500 GB, minutes of disk reads each time)."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    _, _, errors = await attempt(sender, receiver, transfer_id, cut_sender=25)
+    assert errors and held_bytes(receiver, transfer_id) >= 10 * CHUNK
+    reads = PartialReads(monkeypatch, receiver)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert reads.bytes == 0
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_after_a_restart_the_receiver_reads_back_every_held_chunk(make_node, tmp_path, monkeypatch):
+    """Damage while the node was down is found by reading each held chunk
+    against its check, which also rebuilds the files' SHA-256 state."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    _, _, errors = await attempt(sender, receiver, transfer_id, cut_sender=25)
+    held = held_bytes(receiver, transfer_id)
+    assert errors and held >= 10 * CHUNK
+    receiver.received_hashes.clear()  # what a restart forgets
+    reads = PartialReads(monkeypatch, receiver)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert reads.bytes == held
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_a_re_verification_the_sender_gave_up_waiting_for_is_not_repeated(make_node, tmp_path, monkeypatch):
+    """After a restart, re-reading 250 GB held of a 500 GB image takes longer
+    than a sender waits for the answer to its offer. The connection is gone
+    when the answer is ready, but the work is kept: the next offer is
+    answered at once, reading nothing (else every attempt would start the
+    re-reading again, and time out again)."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    _, _, errors = await attempt(sender, receiver, transfer_id, cut_sender=25)
+    held = held_bytes(receiver, transfer_id)
+    assert errors and held >= 10 * CHUNK
+    receiver.received_hashes.clear()  # what a restart forgets
+    reads = PartialReads(monkeypatch, receiver)
+    _, sent_r, errors = await attempt(sender, receiver, transfer_id, cut_receiver=1)  # its answer to the offer
+    assert errors and len(sent_r) == 1  # the handshake went out; the answer did not
+    assert reads.bytes == held
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert reads.bytes == held  # nothing more
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_an_attempt_that_hashed_a_chunk_it_does_not_hold_keeps_no_hash_state(make_node, tmp_path, monkeypatch):
+    """A write batch fails after its chunks were hashed: they are not held,
+    and will be received again. Were the SHA-256 state kept, bytes that
+    differed the second time would be on disk but not in the hash; so the
+    next connection reads back what is held, as after a restart."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    write_batch, failed = PartialFiles.write_batch, []
+
+    def hashed_then_failed(partial, actions):
+        # The first batch holds only chunk 0, which is written and held.
+        checks = write_batch(partial, actions)
+        if not failed and any(action.index >= 20 for action in actions):
+            failed.append(actions)
+            raise OSError(errno.EIO, "injected write failure")
+        return checks
+
+    monkeypatch.setattr(PartialFiles, "write_batch", hashed_then_failed)
+    await attempt(sender, receiver, transfer_id)
+    held = held_bytes(receiver, transfer_id)
+    assert failed and held > 0
+    assert "injected write failure" in receiver.store.get(transfer_id)["error"]
+    assert transfer_id not in receiver.received_hashes
+    monkeypatch.undo()
+    reads = PartialReads(monkeypatch, receiver)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert reads.bytes >= held  # and, past a gap in what is held, more at the end for the SHA-256
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
 async def test_queueing_and_offering_100000_files_does_not_stall_the_event_loop(make_node, tmp_path, monkeypatch):
     """Checking and signing a manifest of 100,000 names (at queueing), and
     checking it again (at each attempt), take half a second or more: in
