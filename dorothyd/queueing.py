@@ -129,8 +129,8 @@ async def cancel_transfer(node: Node, row) -> None:
     fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": row["direction"], "by": "operator"}
     await node.record("transfer_cancelled", fields)
     if row["direction"] == "in":
-        node.store.drop_chunks(row["id"])
         node.received_hashes.pop(row["id"], None)
+        node.store.drop_chunks(row["id"])
         if running is None:
             await trio.to_thread.run_sync(shutil.rmtree, node.home.partial_dir / row["id"], True)
     node.wake_outbox()

@@ -26,7 +26,7 @@ from .channel import Channel
 from .clock import iso_now
 from .logs import log
 from .node import Node, Running, node_key_bytes
-from .storage import PartialFiles, hash_published, is_disk_full
+from .storage import PartialFiles, hash_published, is_disk_full, partial_stamp
 from .store import FINAL_STATES
 
 # Chunks are made durable (fdatasync, then recorded) at least this often:
@@ -44,6 +44,10 @@ VERIFY_PAGE_BYTES = 1 << 30
 # Chunks queued behind a running write before the receiver stops reading:
 # the back-pressure that bounds its memory.
 MAX_QUEUED_BYTES = 2 << 20
+# Files' SHA-256 states kept between connections (Incoming._keep_hashes),
+# in all: they stay in memory while their transfers wait for the peer, and
+# 100,000 finished files take 17 MiB.
+KEPT_FILES_MAX = 100_000
 
 
 def _slot_layout(manifest: Manifest, have: dict[int, int]) -> list[tuple[int, int, int, int]]:
@@ -92,7 +96,6 @@ class InFlight:
         self.actions = actions
         self._done = trio.Event()
         self._outcome = None
-        self._taken = False
         token = trio.lowlevel.current_trio_token()
 
         def deliver(outcome) -> None:
@@ -108,19 +111,9 @@ class InFlight:
     def finished(self) -> bool:
         return self._done.is_set()
 
-    @property
-    def unaccounted(self) -> bool:
-        """Finished successfully, and its result not yet taken."""
-        return not self._taken and self._outcome is not None and not hasattr(self._outcome, "error")
-
-    async def result(self):
-        await self._done.wait()
-        return self.take()
-
     def take(self):
         """The result of a finished run, with no checkpoint: nothing can
         cancel the caller between taking it and acting on it."""
-        self._taken = True
         return self._outcome.unwrap()
 
 
@@ -160,9 +153,9 @@ class Incoming:
 
     async def _drop_partial_copy(self) -> None:
         """The partial files, and the records of the chunks they held."""
+        self.node.received_hashes.pop(self.id, None)  # first: it describes the files about to go
         await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
         self.node.store.drop_chunks(self.id)
-        self.node.received_hashes.pop(self.id, None)
 
     async def _abort_quietly(self, code: str, reason: str) -> None:
         """A final abort on a connection that may already be gone: the peer
@@ -272,6 +265,10 @@ class Incoming:
         store, manifest = self.node.store, self.manifest
         sizes = [entry.size for entry in manifest.files]
         kept = self.node.received_hashes.pop(self.id, None)  # matches the held chunks until more are written
+        directory = self.node.home.partial_dir / self.id
+        if kept is not None and kept.stamp != await trio.to_thread.run_sync(partial_stamp, directory):
+            log.warning("transfer %s: partial files changed since the last connection; reading them back", self.id)
+            kept = None
         partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes, kept)
         try:
             have = Bitmap(manifest.total_chunks)
@@ -323,9 +320,9 @@ class Incoming:
         # while the event loop receives and decrypts the next ones; those
         # that arrive meanwhile are written together in the next hop, so a
         # folder of small files does not pay a thread hop per file.
-        writing: InFlight | None = None
-        queued: list[WriteChunk] = []
-        queued_bytes = 0
+        self._writing: InFlight | None = None
+        self._queued: list[WriteChunk] = []
+        self._queued_bytes = 0
         try:
             await trio.to_thread.run_sync(partial.create_empty)
             await self.channel.send(machine.accept())
@@ -334,19 +331,13 @@ class Incoming:
                 if self._flushing is not None and self._flushing.finished:
                     await self._flushed(machine)
                 if isinstance(message, messages.Done):
-                    writing, queued, queued_bytes = await self._drain(writing, queued, partial, machine), [], 0
+                    await self._drain(partial, machine)
                     await self._flush(partial, machine)
                 action = machine.receive(message)
                 if isinstance(action, WriteChunk):
-                    queued.append(action)
-                    queued_bytes += len(action.data)
-                    if writing is not None and (writing.finished or queued_bytes > MAX_QUEUED_BYTES):
-                        await self._written(writing, partial, machine)
-                        writing = None
-                    if writing is None:
-                        writing, queued, queued_bytes = self._write(partial, queued), [], 0
+                    await self._queue(action, partial, machine)
                 elif isinstance(action, (Aborted, Finalize)):
-                    writing, queued = await self._drain(writing, queued, partial, machine), []
+                    await self._drain(partial, machine)
                     if isinstance(action, Aborted):
                         return await self._on_abort(action, partial)
                     return await self._finalize(partial, machine, action)
@@ -369,8 +360,8 @@ class Incoming:
                     pass
         finally:
             with trio.CancelScope(shield=True):
-                if writing is not None:
-                    await writing.settle()  # never close files under a running write
+                if self._writing is not None:
+                    await self._writing.settle()  # never close files under a running write
                 if self._flushing is not None:
                     await self._flushing.settle()
                 # A dropped connection or a shutdown must not cost what
@@ -378,45 +369,67 @@ class Incoming:
                 # crash still can).
                 if not running.cancelled_by_operator:
                     try:
-                        await self._drain(writing if writing is not None and writing.unaccounted else None, queued, partial, machine)
+                        await self._drain(partial, machine)
                     except (OSError, sqlite3.OperationalError) as exc:
                         log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
                     await self._flush_quietly(partial, machine)
-            partial.close()
-            try:
-                state = store.get(self.id)["state"]
-                if state == "active":
-                    store.update(self.id, iso_now(), state="waiting")
-                if state not in FINAL_STATES:
-                    self._keep_hashes(partial)
-            except sqlite3.OperationalError:
-                pass  # a full disk: restart marks it waiting too
+                partial.close()
+                try:
+                    state = store.get(self.id)["state"]
+                    if state == "active":
+                        store.update(self.id, iso_now(), state="waiting")
+                    if state not in FINAL_STATES:
+                        await self._keep_hashes(partial)
+                except sqlite3.OperationalError:
+                    pass  # a full disk: restart marks it waiting too
 
-    def _keep_hashes(self, partial: PartialFiles) -> None:
+    async def _keep_hashes(self, partial: PartialFiles) -> None:
         """Keep the files' SHA-256 state for the next connection, so that it
-        reads back nothing: only when every chunk handed to the writer was
-        made durable and held. A chunk hashed but not held would be received
+        reads back nothing. Only when every chunk handed to the writer was
+        made durable and held (a chunk hashed but not held would be received
         again, and had its bytes differed then, the disk would not hold what
-        was hashed."""
-        if self._held == self._handed and not self._flush_failed:
+        was hashed), with a stamp of the partial files (the next connection
+        re-reads if any changed), and within KEPT_FILES_MAX."""
+        if self._held != self._handed or self._flush_failed or self._running.ending:
+            return
+        kept_files = sum(len(h.running) + len(h.complete) for h in self.node.received_hashes.values())
+        if kept_files + len(partial.hashes.running) + len(partial.hashes.complete) > KEPT_FILES_MAX:
+            return
+        partial.hashes.stamp = await trio.to_thread.run_sync(partial_stamp, partial.directory)
+        if partial.hashes.stamp is not None:
             self.node.received_hashes[self.id] = partial.hashes
 
-    def _write(self, partial: PartialFiles, actions: list[WriteChunk]) -> InFlight:
-        """Start writing a batch of chunks in a worker thread."""
-        self._handed += len(actions)
-        return InFlight(actions, partial.write_batch, actions)
+    async def _queue(self, action: WriteChunk, partial: PartialFiles, machine: ReceiverMachine) -> None:
+        """Write a received chunk: at once when no batch is being written,
+        else in the next batch, with those that arrive meanwhile."""
+        self._queued.append(action)
+        self._queued_bytes += len(action.data)
+        if self._writing is not None and (self._writing.finished or self._queued_bytes > MAX_QUEUED_BYTES):
+            await self._written(partial, machine)
+        if self._writing is None:
+            self._start_write(partial)
 
-    async def _drain(self, writing, queued: list[WriteChunk], partial: PartialFiles, machine: ReceiverMachine) -> None:
-        """Finish the batch in flight and write what is queued."""
-        if writing is not None:
-            await self._written(writing, partial, machine)
-        if queued:
-            await self._written(self._write(partial, queued), partial, machine)
+    def _start_write(self, partial: PartialFiles) -> None:
+        """Hand the queued chunks to a worker thread."""
+        batch, self._queued, self._queued_bytes = self._queued, [], 0
+        self._handed += len(batch)
+        self._writing = InFlight(batch, partial.write_batch, batch)
 
-    async def _written(self, writing: "InFlight", partial: PartialFiles, machine: ReceiverMachine) -> None:
-        """Account for a finished batch of writes, the only one there was;
-        start a flush when enough is pending."""
-        checks = await writing.result()
+    async def _drain(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
+        """Finish the batch in flight, then write what is queued."""
+        if self._writing is not None:
+            await self._written(partial, machine)
+        if self._queued:
+            self._start_write(partial)
+            await self._written(partial, machine)
+
+    async def _written(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
+        """Account for the batch in flight once it is done; start a flush
+        when enough is pending."""
+        writing = self._writing
+        await writing.settle()
+        self._writing = None  # only now: a cancel while waiting leaves it to the shielded cleanup
+        checks = writing.take()
         for action, check in zip(writing.actions, checks):
             if not self._pending:
                 self._pending_since = trio.current_time()
@@ -526,6 +539,7 @@ class Incoming:
         is idempotent, so finishing again after a crash anywhere in it
         neither signs a second receipt nor records the transfer twice."""
         manifest, node = self.manifest, self.node
+        node.received_hashes.pop(self.id, None)  # also after a crash or a failed first try: none is needed now
         row = node.store.get(self.id)
         receipt = row["receipt"]
         if receipt is None:

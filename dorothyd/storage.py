@@ -12,6 +12,7 @@ O_NOFOLLOW handles, so no symlink can redirect a write.
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import mmap
 import os
 import shutil
@@ -80,6 +81,24 @@ class FileHashes:
 
     running: dict[int, FileHasher] = field(default_factory=dict)
     complete: dict[int, bytes] = field(default_factory=dict)
+    stamp: bytes | None = None  # partial_stamp of the files these hashes describe
+
+
+def partial_stamp(directory: Path) -> bytes | None:
+    """A digest of the partial files' identities, sizes and times: it
+    changes when any is written, truncated, replaced, added or removed
+    (ctime cannot be set back). None if the directory cannot be read."""
+    stamp = hashlib.blake2b(digest_size=32)
+    try:
+        with os.scandir(directory) as entries:
+            top = os.stat(directory, follow_symlinks=False)
+            stamp.update(repr((top.st_dev, top.st_ino, top.st_mtime_ns, top.st_ctime_ns)).encode())
+            for entry in entries:  # an unchanged directory lists in the same order
+                st = entry.stat(follow_symlinks=False)
+                stamp.update(repr((entry.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)).encode())
+    except OSError:
+        return None
+    return stamp.digest()
 
 
 class PartialFiles:

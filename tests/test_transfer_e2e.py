@@ -6,6 +6,8 @@ import errno
 import gc
 import hashlib
 import os
+import shutil
+import sqlite3
 import threading
 
 import pytest
@@ -448,6 +450,74 @@ async def test_a_re_verification_the_sender_gave_up_waiting_for_is_not_repeated(
     _, _, errors = await attempt(sender, receiver, transfer_id)
     assert errors == []
     assert reads.bytes == held  # nothing more
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+@pytest.mark.parametrize("change", ["overwritten", "removed"])
+async def test_partial_files_changed_between_connections_are_read_back(make_node, tmp_path, monkeypatch, change):
+    """The kept SHA-256 state describes the partial files as this process
+    left them. Changed since (damage, a local tamperer, a clean-up that
+    removed them), they are read back and checked as after a restart: never
+    a receipt for a hash of bytes that are no longer on disk."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    _, _, errors = await attempt(sender, receiver, transfer_id, cut_sender=25)
+    assert errors and transfer_id in receiver.received_hashes
+    partial = receiver.home.partial_dir / transfer_id
+    if change == "overwritten":
+        with open(partial / "0", "r+b") as f:  # inside chunk 0, which is held
+            f.seek(5)
+            f.write(b"XXXX")
+    else:
+        shutil.rmtree(partial)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_a_copy_dropped_for_good_leaves_no_hash_state_even_if_recording_that_fails(make_node, tmp_path, monkeypatch):
+    """A permanent refusal removes the partial files, then the records of
+    held chunks; when that second step fails (a full disk), the files are
+    gone but still listed as held. The hash state went first, so the next
+    connection reads back, finds nothing, and fetches it all again."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    receive, messages_seen = receiving.ReceiverMachine.receive, []
+
+    def refused_at_the_24th(machine, message):
+        messages_seen.append(message)
+        if len(messages_seen) == 24:
+            raise receiving.RemoteProtocolError("injected refusal", code="bad_chunk")
+        return receive(machine, message)
+
+    drop_chunks = receiver.store.drop_chunks
+
+    def fails_to_drop_all(transfer_id, slots=None):
+        if slots is None:
+            raise sqlite3.OperationalError("database or disk is full")
+        return drop_chunks(transfer_id, slots)
+
+    monkeypatch.setattr(receiving.ReceiverMachine, "receive", refused_at_the_24th)
+    monkeypatch.setattr(receiver.store, "drop_chunks", fails_to_drop_all)
+    await attempt(sender, receiver, transfer_id)
+    assert not (receiver.home.partial_dir / transfer_id).exists() and held_bytes(receiver, transfer_id) > 0
+    assert transfer_id not in receiver.received_hashes
+    monkeypatch.undo()
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_hash_states_past_the_memory_bound_are_not_kept(make_node, tmp_path, monkeypatch):
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 40)
+    monkeypatch.setattr(receiving, "FLUSH_CHUNKS", 2)
+    monkeypatch.setattr(receiving, "KEPT_FILES_MAX", 0)
+    _, _, errors = await attempt(sender, receiver, transfer_id, cut_sender=25)
+    held = held_bytes(receiver, transfer_id)
+    assert errors and held > 0 and transfer_id not in receiver.received_hashes
+    reads = PartialReads(monkeypatch, receiver)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == [] and reads.bytes == held
     assert_delivered(sender, receiver, files, transfer_id)
 
 
