@@ -26,7 +26,7 @@ from .channel import Channel
 from .clock import iso_now
 from .logs import log
 from .node import Node, Running, node_key_bytes
-from .storage import PartialFiles, hash_published, is_disk_full, partial_stamp
+from .storage import PartialFiles, hash_published, is_disk_full, partial_stamp, settled_partial_stamp
 from .store import FINAL_STATES
 
 # Chunks are made durable (fdatasync, then recorded) at least this often:
@@ -395,7 +395,7 @@ class Incoming:
         kept_files = sum(len(h.running) + len(h.complete) for h in self.node.received_hashes.values())
         if kept_files + len(partial.hashes.running) + len(partial.hashes.complete) > KEPT_FILES_MAX:
             return
-        partial.hashes.stamp = await trio.to_thread.run_sync(partial_stamp, partial.directory)
+        partial.hashes.stamp = await trio.to_thread.run_sync(settled_partial_stamp, partial.directory)
         if partial.hashes.stamp is not None:
             self.node.received_hashes[self.id] = partial.hashes
 

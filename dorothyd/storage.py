@@ -16,6 +16,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,24 +82,56 @@ class FileHashes:
 
     running: dict[int, FileHasher] = field(default_factory=dict)
     complete: dict[int, bytes] = field(default_factory=dict)
-    stamp: bytes | None = None  # partial_stamp of the files these hashes describe
+    stamp: bytes | None = None  # settled_partial_stamp of the files these hashes describe
+
+
+# A change shows in the stamp only if it gives a file a time other than
+# the one recorded. File times come from a clock that may tick only every
+# few milliseconds (kernels before 6.13), so a stamp is taken once that
+# clock has moved past the newest time in it; on file systems that keep
+# whole seconds (ext3, FAT) no stamp is taken at all.
+STAMP_SETTLE_NS = 20_000_000
+
+
+def _scan(directory: Path) -> tuple[bytes, int, bool]:
+    """(digest of the partial files' identities, sizes and times, the
+    newest time, whether every time is a whole second)."""
+    digest, newest, whole_seconds = hashlib.blake2b(digest_size=32), 0, True
+    with os.scandir(directory) as entries:
+        stats = [("", os.stat(directory, follow_symlinks=False))]
+        stats += ((entry.name, entry.stat(follow_symlinks=False)) for entry in entries)  # an unchanged directory lists in the same order
+    for name, st in stats:
+        digest.update(repr((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)).encode())
+        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+        whole_seconds = whole_seconds and st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+    return digest.digest(), newest, whole_seconds
 
 
 def partial_stamp(directory: Path) -> bytes | None:
-    """A digest of the partial files' identities, sizes and times: it
-    changes when any is written, truncated, replaced, added or removed
-    (ctime cannot be set back). None if the directory cannot be read."""
-    stamp = hashlib.blake2b(digest_size=32)
+    """What the partial files are now: changes when any is written,
+    truncated, replaced, added or removed (ctime cannot be set back). None
+    if the directory cannot be read."""
     try:
-        with os.scandir(directory) as entries:
-            top = os.stat(directory, follow_symlinks=False)
-            stamp.update(repr((top.st_dev, top.st_ino, top.st_mtime_ns, top.st_ctime_ns)).encode())
-            for entry in entries:  # an unchanged directory lists in the same order
-                st = entry.stat(follow_symlinks=False)
-                stamp.update(repr((entry.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)).encode())
+        return _scan(directory)[0]
     except OSError:
         return None
-    return stamp.digest()
+
+
+def settled_partial_stamp(directory: Path) -> bytes | None:
+    """partial_stamp, to keep (blocking: up to STAMP_SETTLE_NS): None when
+    a later change might not show in it."""
+    try:
+        digest, newest, whole_seconds = _scan(directory)
+        if whole_seconds:
+            return None
+        wait = newest + STAMP_SETTLE_NS - time.time_ns()
+        if wait > 0:
+            time.sleep(wait / 1e9)
+            if _scan(directory)[0] != digest:  # something else writes here
+                return None
+    except OSError:
+        return None
+    return digest
 
 
 class PartialFiles:

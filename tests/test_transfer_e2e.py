@@ -521,6 +521,95 @@ async def test_hash_states_past_the_memory_bound_are_not_kept(make_node, tmp_pat
     assert_delivered(sender, receiver, files, transfer_id)
 
 
+async def test_a_shutdown_while_the_last_chunks_are_written_waits_for_that_write(make_node, tmp_path, monkeypatch):
+    """At `done` the chunks queued behind the batch in flight are written as
+    one more batch. A shutdown landing while that batch runs: the cleanup
+    waits for it, then saves what arrived; it neither writes a chunk twice
+    nor closes the files under a running write."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 20)  # queued within MAX_QUEUED_BYTES
+    token = trio.lowlevel.current_trio_token()
+    first_batch_may_go, cleanup_waits = threading.Event(), threading.Event()
+    lock, state = threading.Lock(), {"batches": 0, "running": 0, "closed_under_write": 0, "armed": None, "settles": 0}
+    written = []
+    write_batch, close, drain, start_write, settle = (
+        PartialFiles.write_batch, PartialFiles.close, Incoming._drain, Incoming._start_write, receiving.InFlight.settle)
+
+    def controlled_write_batch(partial, actions):
+        with lock:
+            state["batches"] += 1
+            state["running"] += 1
+            first = state["batches"] == 1
+        try:
+            if first:  # hold it until `done`, so that every other chunk queues behind it
+                assert first_batch_may_go.wait(10)
+            elif actions is state["armed"]:
+                trio.from_thread.run_sync(receiver.running[transfer_id].cancel_scope.cancel, trio_token=token)
+                assert cleanup_waits.wait(10), "the cleanup went on without waiting for this write"
+            written.extend((a.file, a.index) for a in actions)
+            return write_batch(partial, actions)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    def checked_close(partial):
+        state["closed_under_write"] += state["running"] > 0
+        return close(partial)
+
+    async def draining(self, partial, machine):
+        first_batch_may_go.set()
+        self._draining = True
+        try:
+            return await drain(self, partial, machine)
+        finally:
+            self._draining = False
+
+    def arming_start_write(self, partial):
+        if getattr(self, "_draining", False) and state["armed"] is None:
+            state["armed"] = self._queued
+        return start_write(self, partial)
+
+    async def counted_settle(self):
+        if state["armed"] is not None and self.actions is state["armed"]:
+            state["settles"] += 1
+            if state["settles"] == 2:  # the first is _drain's own, which the shutdown cancels
+                cleanup_waits.set()
+        return await settle(self)
+
+    monkeypatch.setattr(PartialFiles, "write_batch", controlled_write_batch)
+    monkeypatch.setattr(PartialFiles, "close", checked_close)
+    monkeypatch.setattr(Incoming, "_drain", draining)
+    monkeypatch.setattr(Incoming, "_start_write", arming_start_write)
+    monkeypatch.setattr(receiving.InFlight, "settle", counted_settle)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors and state["armed"] and cleanup_waits.is_set()
+    assert len(written) == len(set(written)) == 20
+    assert state["closed_under_write"] == 0
+    assert held_bytes(receiver, transfer_id) == 20 * CHUNK  # everything that arrived was saved
+    monkeypatch.undo()
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
+async def test_a_transfer_whose_publication_failed_keeps_no_hash_state(make_node, tmp_path, monkeypatch):
+    """Finalization consumed the hash state (each file's SHA-256 completed,
+    from disk where needed); if publishing then fails, the transfer waits,
+    and the next connection starts from what is on disk."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 8)
+
+    def disk_fails(*args):
+        raise OSError(errno.EIO, "injected publication failure")
+
+    monkeypatch.setattr(PartialFiles, "move_into", disk_fails)
+    await attempt(sender, receiver, transfer_id)
+    assert receiver.store.get(transfer_id)["state"] == "waiting"
+    assert transfer_id not in receiver.received_hashes
+    monkeypatch.undo()
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
 async def test_an_attempt_that_hashed_a_chunk_it_does_not_hold_keeps_no_hash_state(make_node, tmp_path, monkeypatch):
     """A write batch fails after its chunks were hashed: they are not held,
     and will be received again. Were the SHA-256 state kept, bytes that
