@@ -97,13 +97,17 @@ def _scan(directory: Path) -> tuple[bytes, int, bool]:
     """(digest of the partial files' identities, sizes and times, the
     newest time, whether every time is a whole second)."""
     digest, newest, whole_seconds = hashlib.blake2b(digest_size=32), 0, True
-    with os.scandir(directory) as entries:
-        stats = [("", os.stat(directory, follow_symlinks=False))]
-        stats += ((entry.name, entry.stat(follow_symlinks=False)) for entry in entries)  # an unchanged directory lists in the same order
-    for name, st in stats:
+
+    def add(name: str, st: os.stat_result) -> None:
+        nonlocal newest, whole_seconds
         digest.update(repr((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)).encode())
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
         whole_seconds = whole_seconds and st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+
+    with os.scandir(directory) as entries:
+        add("", os.stat(directory, follow_symlinks=False))
+        for entry in entries:  # an unchanged directory lists in the same order
+            add(entry.name, entry.stat(follow_symlinks=False))
     return digest.digest(), newest, whole_seconds
 
 
@@ -136,8 +140,8 @@ def settled_partial_stamp(directory: Path) -> bytes | None:
 
 class PartialFiles:
     """The on-disk side of one incoming transfer (blocking calls: run them
-    in a worker thread). `hashes` continues those of an earlier connection;
-    they must cover exactly the chunks held on disk."""
+    in a worker thread). `hashes` continues those of an earlier connection,
+    and must describe the held chunks as they are on disk now."""
 
     def __init__(self, partial_root: Path, transfer_id: str, sizes: list[int], hashes: FileHashes | None = None):
         self.directory = partial_root / transfer_id

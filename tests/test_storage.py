@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dorothy.dorothyd import tuning
-from dorothy.dorothyd.storage import CHECK_LEN, PartialFiles, chunk_check
+from dorothy.dorothyd.storage import CHECK_LEN, PartialFiles, chunk_check, partial_stamp, settled_partial_stamp
 from dorothy.dorothyd.store import Store
 from dorothy.protocol.transfer import WriteChunk
 
@@ -181,3 +181,18 @@ async def test_returning_memory_at_a_connection_end_never_raises(monkeypatch, ca
     monkeypatch.setattr(tuning.trio.to_thread, "run_sync", no_thread)
     await tuning.release_free_memory_at_end()
     assert "could not return free memory to the system: can't start new thread" in caplog.text
+
+
+def test_a_same_size_overwrite_right_after_a_settled_stamp_changes_the_stamp(tmp_path):
+    """A kept hash state is reused only while its stamp holds; a rewrite in
+    the same file-time tick as the last write must not go unnoticed."""
+    (tmp_path / "0").write_bytes(b"a" * 4096)
+    stamp = settled_partial_stamp(tmp_path)
+    assert stamp is not None and partial_stamp(tmp_path) == stamp  # nothing changed: reusable
+    with open(tmp_path / "0", "r+b") as f:
+        f.write(b"b")
+    assert partial_stamp(tmp_path) != stamp
+
+
+def test_a_stamp_of_a_missing_directory_is_never_taken(tmp_path):
+    assert settled_partial_stamp(tmp_path / "gone") is None and partial_stamp(tmp_path / "gone") is None
