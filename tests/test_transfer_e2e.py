@@ -145,6 +145,12 @@ def assert_delivered(sender, receiver, files, transfer_id):
     assert audit.reconcile(a, b) == []
 
 
+async def delivered_by_a_clean_attempt(sender, receiver, files, transfer_id):
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert errors == []
+    assert_delivered(sender, receiver, files, transfer_id)
+
+
 async def test_transfer_completes_in_one_connection(make_node, tmp_path):
     sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
     sent_s, _, errors = await attempt(sender, receiver, transfer_id)
@@ -167,9 +173,7 @@ async def test_empty_files_at_the_end_of_a_transfer_arrive(make_node, tmp_path, 
         (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / rel).write_bytes(data)
     transfer_id = await queue_transfer(sender, "bravo", [str(tmp_path / "src" / "case")])
-    _, _, errors = await attempt(sender, receiver, transfer_id)
-    assert errors == []
-    assert_delivered(sender, receiver, files, transfer_id)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
 async def count_frames(make_node, tmp_path):
@@ -374,9 +378,7 @@ async def test_after_a_failed_flush_nothing_more_of_the_attempt_is_held(make_nod
     assert "injected writeback failure" in receiver.store.get(transfer_id)["error"]
     assert receiver.store.chunks(transfer_id) == {}
     monkeypatch.undo()
-    _, _, errors = await attempt(sender, receiver, transfer_id)
-    assert errors == []
-    assert_delivered(sender, receiver, files, transfer_id)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
 class PartialReads:
@@ -470,9 +472,7 @@ async def test_partial_files_changed_between_connections_are_read_back(make_node
             f.write(b"XXXX")
     else:
         shutil.rmtree(partial)
-    _, _, errors = await attempt(sender, receiver, transfer_id)
-    assert errors == []
-    assert_delivered(sender, receiver, files, transfer_id)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
 async def test_a_copy_dropped_for_good_leaves_no_hash_state_even_if_recording_that_fails(make_node, tmp_path, monkeypatch):
@@ -503,9 +503,7 @@ async def test_a_copy_dropped_for_good_leaves_no_hash_state_even_if_recording_th
     assert not (receiver.home.partial_dir / transfer_id).exists() and held_bytes(receiver, transfer_id) > 0
     assert transfer_id not in receiver.received_hashes
     monkeypatch.undo()
-    _, _, errors = await attempt(sender, receiver, transfer_id)
-    assert errors == []
-    assert_delivered(sender, receiver, files, transfer_id)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
 async def test_hash_states_past_the_memory_bound_are_not_kept(make_node, tmp_path, monkeypatch):
@@ -586,9 +584,7 @@ async def test_a_shutdown_while_the_last_chunks_are_written_waits_for_that_write
     assert state["closed_under_write"] == 0
     assert held_bytes(receiver, transfer_id) == 20 * CHUNK  # everything that arrived was saved
     monkeypatch.undo()
-    _, _, errors = await attempt(sender, receiver, transfer_id)
-    assert errors == []
-    assert_delivered(sender, receiver, files, transfer_id)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
 async def test_a_transfer_whose_publication_failed_keeps_no_hash_state(make_node, tmp_path, monkeypatch):
@@ -605,9 +601,7 @@ async def test_a_transfer_whose_publication_failed_keeps_no_hash_state(make_node
     assert receiver.store.get(transfer_id)["state"] == "waiting"
     assert transfer_id not in receiver.received_hashes
     monkeypatch.undo()
-    _, _, errors = await attempt(sender, receiver, transfer_id)
-    assert errors == []
-    assert_delivered(sender, receiver, files, transfer_id)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
 async def test_an_attempt_that_hashed_a_chunk_it_does_not_hold_keeps_no_hash_state(make_node, tmp_path, monkeypatch):
