@@ -129,6 +129,8 @@ def settled_partial_stamp(directory: Path) -> bytes | None:
         if whole_seconds:
             return None
         wait = newest + STAMP_SETTLE_NS - time.time_ns()
+        if wait > STAMP_SETTLE_NS:  # a time ahead of our clock (set by hand, or a server's): no telling
+            return None
         if wait > 0:
             time.sleep(wait / 1e9)
             if _scan(directory)[0] != digest:  # something else writes here
