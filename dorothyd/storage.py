@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,7 @@ class PartialFiles:
         self._open: OrderedDict[int, tuple[int, int | None]] = OrderedDict()
         self._dirty: set[int] = set()
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
+        self._direct_writer: ThreadPoolExecutor | None = None  # see write_batch
         self.hashes = hashes or FileHashes()
 
     def _fds(self, index: int) -> tuple[int, int | None]:
@@ -188,22 +190,29 @@ class PartialFiles:
         if direct is not None:
             os.close(direct)
 
-    def _write(self, index: int, offset: int, data: bytes) -> None:
+    def _write_chunk(self, index: int, offset: int, data: bytes) -> Future | None:
+        """Write a chunk: through the page cache at once, or, where it can
+        go direct, in the direct writer's thread (the Future to wait for)."""
         fd, direct = self._fds(index)
-        if direct is not None and offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0:
-            if self._aligned is None or len(self._aligned) < len(data):
-                self._aligned = mmap.mmap(-1, len(data))
-            self._aligned[: len(data)] = data
-            view = memoryview(self._aligned)[: len(data)]
-            try:
-                written = os.pwrite(direct, view, offset)
-            finally:
-                view.release()  # else a failed write's traceback pins the mmap
-            if written < len(data):  # rare short write: finish it buffered
-                _write_all(fd, memoryview(data)[written:], offset + written)
-        else:
-            _write_all(fd, memoryview(data), offset)
         self._dirty.add(index)
+        if direct is not None and offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0:
+            if self._direct_writer is None:
+                self._direct_writer = ThreadPoolExecutor(1, thread_name_prefix="dorothyd-direct-write")
+            return self._direct_writer.submit(self._write_direct, fd, direct, offset, data)
+        _write_all(fd, memoryview(data), offset)
+        return None
+
+    def _write_direct(self, fd: int, direct: int, offset: int, data: bytes) -> None:
+        if self._aligned is None or len(self._aligned) < len(data):
+            self._aligned = mmap.mmap(-1, len(data))
+        self._aligned[: len(data)] = data
+        view = memoryview(self._aligned)[: len(data)]
+        try:
+            written = os.pwrite(direct, view, offset)
+        finally:
+            view.release()  # else a failed write's traceback pins the mmap
+        if written < len(data):  # rare short write: finish it buffered
+            _write_all(fd, memoryview(data)[written:], offset + written)
 
     def _feed(self, index: int, offset: int, data: bytes) -> None:
         running, complete = self.hashes.running, self.hashes.complete
@@ -216,13 +225,23 @@ class PartialFiles:
 
     def write_batch(self, actions) -> list[bytes]:
         """Write several WriteChunk actions (one worker-thread hop) and
-        return their checks. (Hashing in a second thread beside the writes was
-        tried: no measurable gain, 299 against 314 MiB/s over three runs.)"""
+        return their checks. A direct write waits for the disk (2-4 ms per
+        2 MiB chunk here, against 2 ms to hash and check it), so it runs in
+        a thread of its own while this one hashes the same chunk: 1 GiB of
+        random data, five alternating runs, 330 -> 355 MiB/s median; the
+        receiver's event loop had waited 1.35-1.44 s per GiB for this
+        thread, 0.76-0.88 s after. One write at a time, done before the
+        next chunk or the batch's end: a flush, an eviction or close() never
+        meets a write still running."""
         checks = []
         for action in actions:
-            self._write(action.file, action.offset, action.data)
-            self._feed(action.file, action.offset, action.data)
-            checks.append(chunk_check(action.data))
+            writing = self._write_chunk(action.file, action.offset, action.data)
+            try:
+                self._feed(action.file, action.offset, action.data)
+                checks.append(chunk_check(action.data))
+            finally:
+                if writing is not None:
+                    writing.result()
         return checks
 
     def flush(self) -> None:
@@ -287,6 +306,9 @@ class PartialFiles:
         return complete[index]
 
     def close(self) -> None:
+        if self._direct_writer is not None:
+            self._direct_writer.shutdown()  # idle: every write was waited for
+            self._direct_writer = None
         while self._open:
             self._evict()
         if self._dir_fd is not None:

@@ -1,8 +1,10 @@
 """The receiver's partial files and the held-chunk records that let a
 restarted node resume: what is found damaged, and what an upgrade forgets."""
 
+import errno
 import os
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -11,8 +13,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dorothy.dorothyd import tuning
-from dorothy.dorothyd.storage import CHECK_LEN, PartialFiles, chunk_check, partial_stamp, settled_partial_stamp
+from dorothy.dorothyd import storage, tuning
+from dorothy.dorothyd.storage import CHECK_LEN, DIRECT_MIN_FILE, PartialFiles, chunk_check, partial_stamp, settled_partial_stamp
 from dorothy.dorothyd.store import Store
 from dorothy.protocol.transfer import WriteChunk
 
@@ -58,6 +60,50 @@ def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
     partial.close()
     flush()  # no EBADF
     assert len(os.listdir("/proc/self/fd")) == before  # and no duplicate left open
+
+
+def test_a_failed_disk_write_fails_its_batch(tmp_path, monkeypatch):
+    # Large chunks are written in a thread of their own (O_DIRECT, beside
+    # the hashing): its error must reach the caller, not stay in that thread.
+    partial = PartialFiles(tmp_path, "t", [DIRECT_MIN_FILE])
+
+    def failing_pwrite(fd, data, offset):
+        raise OSError(errno.EIO, "I/O error (test)")
+
+    monkeypatch.setattr(storage.os, "pwrite", failing_pwrite)
+    try:
+        with pytest.raises(OSError) as raised:
+            partial.write_batch([WriteChunk(file=0, index=0, offset=0, data=os.urandom(DIRECT_MIN_FILE))])
+        assert raised.value.errno == errno.EIO
+    finally:
+        partial.close()
+
+
+def test_a_batch_that_fails_while_its_chunk_is_written_waits_for_that_write(tmp_path, monkeypatch):
+    # Else close() could meet the write still running on its descriptor.
+    partial = PartialFiles(tmp_path, "t", [DIRECT_MIN_FILE])
+    caller, hashing_failed, finished = threading.current_thread(), threading.Event(), []
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd, data, offset):
+        if threading.current_thread() is not caller:  # the direct writer's thread
+            hashing_failed.wait()
+        written = real_pwrite(fd, data, offset)
+        finished.append(written)
+        return written
+
+    def failing_check(data):
+        hashing_failed.set()
+        raise MemoryError("check failed (test)")
+
+    monkeypatch.setattr(storage.os, "pwrite", slow_pwrite)
+    monkeypatch.setattr(storage, "chunk_check", failing_check)
+    try:
+        with pytest.raises(MemoryError):
+            partial.write_batch([WriteChunk(file=0, index=0, offset=0, data=os.urandom(DIRECT_MIN_FILE))])
+        assert finished == [DIRECT_MIN_FILE]
+    finally:
+        partial.close()
 
 
 @settings(max_examples=100, deadline=None)
