@@ -7,6 +7,7 @@ peer cannot hold a transfer slot forever.
 """
 
 import os
+import socket
 
 import trio
 
@@ -15,6 +16,14 @@ from ..protocol.session import Authenticated, Closed, Message, Session
 
 RECEIVE_SIZE = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
+# Where the socket allows it (Linux), a receive waits until the rest of the
+# record it is reading has arrived, up to this much (SO_RCVLOWAT), instead
+# of waking for whatever the kernel holds: a receiving daemon read each
+# 2 MiB record in about 11 pieces, each a trip through trio's scheduler, and
+# now in 3 or 4. (2 GiB between two trio tasks over loopback TCP: 2.1-2.7
+# -> 0.9-1.0 CPU seconds.) With write_batch's direct writer, 1 GiB of random
+# data went from 330 to 375 MiB/s (median of five alternating runs).
+RECEIVE_LOW_WATER_MAX = RECEIVE_SIZE
 
 
 class ChannelClosed(Exception):
@@ -27,6 +36,11 @@ class Channel:
         self.session = session
         self.idle_timeout = idle_timeout
         self.peer_static = session.peer_static
+        # The socket whose SO_RCVLOWAT we set (None: a stream without one,
+        # or a platform without the option), and the value it holds.
+        sock = getattr(stream, "socket", None)
+        self._socket = sock if sock is not None and hasattr(socket, "SO_RCVLOWAT") else None
+        self._low_water = 1
 
     async def send(self, message) -> None:
         await self.send_raw(self.session.send_message(messages.encode(message)))
@@ -51,8 +65,26 @@ class Channel:
 
     async def _pump(self) -> None:
         with trio.fail_after(self.idle_timeout):
+            await self._wait_for(self.session.bytes_wanted())
             data = await self.stream.receive_some(RECEIVE_SIZE)
         self.session.receive_data(data)
+
+    async def _wait_for(self, wanted: int) -> None:
+        """Until `wanted` bytes (at most RECEIVE_LOW_WATER_MAX) are buffered
+        in the socket, or it ends or fails: the kernel wakes us then. The
+        session never wants more than completes its next record, so this
+        cannot wait for bytes the peer has no reason to send."""
+        if self._socket is None:
+            return
+        low_water = min(wanted, RECEIVE_LOW_WATER_MAX)
+        if low_water != self._low_water:
+            try:
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+            except OSError:  # refused here: read as things come
+                self._socket = None
+                return
+            self._low_water = low_water
+        await trio.lowlevel.wait_readable(self._socket)
 
     async def close(self, reason: str = "done") -> None:
         """Authenticated close, then the socket; never raises."""

@@ -104,5 +104,14 @@ class FrameDecoder:
         return frame
 
     @property
+    def wanted(self) -> int:
+        """How many more bytes complete the next frame (at least 1; of the
+        header alone until it is buffered)."""
+        length = self._frame_length()
+        if length is None:
+            return HEADER_LEN - self._size
+        return max(1, HEADER_LEN + length - self._size)
+
+    @property
     def buffered(self) -> int:
         return self._size

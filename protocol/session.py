@@ -254,6 +254,14 @@ class Session:
             self.state = State.ERROR
             raise
 
+    def bytes_wanted(self) -> int:
+        """At least how many more bytes `receive_data` needs before it can
+        produce another event (1 where that is not known): a transport may
+        wait for that many before reading."""
+        if self.state in (State.AWAIT_PREAMBLE, State.CLOSED, State.ERROR):
+            return 1
+        return self._frames.wanted
+
     def next_event(self):
         return self._events.pop(0) if self._events else None
 

@@ -217,3 +217,27 @@ def test_a_frame_trickled_a_byte_at_a_time_costs_its_bytes_not_an_object_each():
     decoder.receive_data(stream[-1:])
     assert decoder.next_frame() == body
 
+
+
+@FAST
+@given(small_limits, st.data())
+def test_wanted_is_exactly_what_completes_the_next_frame(limit, data):
+    # A reader waits for `wanted` bytes before it reads again (SO_RCVLOWAT):
+    # asking for more than completes a frame could wait for bytes the peer
+    # never sends; asking for less only wakes it early.
+    bodies = data.draw(st.lists(st.binary(max_size=limit), min_size=1, max_size=6), label="bodies")
+    stream = b"".join(encode_frame(b, limit) for b in bodies)
+    decoder, offset, frames = FrameDecoder(limit), 0, []
+    while offset < len(stream):
+        wanted = decoder.wanted
+        assert wanted >= 1
+        short = data.draw(st.integers(0, wanted - 1), label="bytes short of wanted")
+        decoder.receive_data(stream[offset : offset + short])
+        assert decoder.next_frame() is None
+        decoder.receive_data(stream[offset + short : offset + wanted])
+        offset += wanted
+        if (frame := decoder.next_frame()) is not None:
+            frames.append(bytes(frame))
+        else:  # the header is complete: now the whole body is wanted
+            assert decoder.wanted == len(bodies[len(frames)]) > 0
+    assert frames == bodies
