@@ -16,14 +16,17 @@ from ..protocol.session import Authenticated, Closed, Message, Session
 
 RECEIVE_SIZE = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
-# Where the socket allows it (Linux), a receive waits until the rest of the
-# record it is reading has arrived, up to this much (SO_RCVLOWAT), instead
-# of waking for whatever the kernel holds: a receiving daemon read each
-# 2 MiB record in about 11 pieces, each a trip through trio's scheduler, and
-# now in 3 or 4. (2 GiB between two trio tasks over loopback TCP: 2.1-2.7
-# -> 0.9-1.0 CPU seconds.) With write_batch's direct writer, 1 GiB of random
-# data went from 330 to 375 MiB/s (median of five alternating runs).
+# Where the socket allows it (Linux), a receive that finds nothing to read
+# sleeps until the rest of the record it is reading has arrived, up to
+# RECEIVE_LOW_WATER_MAX (SO_RCVLOWAT), instead of waking for whatever the
+# kernel holds: a receiving daemon had read each 2 MiB record in about 11
+# pieces, each a trip through trio's scheduler, and now reads it in 3 or 4.
+# With write_batch's direct writer, 1 GiB of random data went from 319 to
+# 381 MiB/s (median of three alternating runs). Shorter remainders are read
+# as they come: a folder of small files has one record per file, and a
+# socket option per record would cost more than the wake-ups it saves.
 RECEIVE_LOW_WATER_MAX = RECEIVE_SIZE
+RECEIVE_LOW_WATER_MIN = 64 << 10
 
 
 class ChannelClosed(Exception):
@@ -64,19 +67,20 @@ class Channel:
                 await self._pump()
 
     async def _pump(self) -> None:
+        self._set_low_water(self.session.bytes_wanted())
         with trio.fail_after(self.idle_timeout):
-            await self._wait_for(self.session.bytes_wanted())
             data = await self.stream.receive_some(RECEIVE_SIZE)
         self.session.receive_data(data)
 
-    async def _wait_for(self, wanted: int) -> None:
-        """Until `wanted` bytes (at most RECEIVE_LOW_WATER_MAX) are buffered
-        in the socket, or it ends or fails: the kernel wakes us then. The
-        session never wants more than completes its next record, so this
-        cannot wait for bytes the peer has no reason to send."""
+    def _set_low_water(self, wanted: int) -> None:
+        """Have the kernel wake a waiting receive once `wanted` bytes are
+        in, or the socket ends or fails. (trio's receive reads at once what
+        is already there, and waits only when there is nothing.) The session
+        never wants more than completes its next record, so this cannot wait
+        for bytes the peer has no reason to send."""
         if self._socket is None:
             return
-        low_water = min(wanted, RECEIVE_LOW_WATER_MAX)
+        low_water = min(wanted, RECEIVE_LOW_WATER_MAX) if wanted >= RECEIVE_LOW_WATER_MIN else 1
         if low_water != self._low_water:
             try:
                 self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
@@ -84,7 +88,6 @@ class Channel:
                 self._socket = None
                 return
             self._low_water = low_water
-        await trio.lowlevel.wait_readable(self._socket)
 
     async def close(self, reason: str = "done") -> None:
         """Authenticated close, then the socket; never raises."""

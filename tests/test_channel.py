@@ -1,14 +1,15 @@
 """dorothyd/channel.py over real loopback TCP, where the receive low-water
-mark (SO_RCVLOWAT) is in play: a receive waits for the rest of the record it
-is reading, and never for bytes beyond it."""
+mark (SO_RCVLOWAT) is in play: a receive that finds nothing waits for the
+rest of the record it is reading, and never for bytes beyond it."""
 
 import os
 import socket
 
 import pytest
 import trio
+import trio.testing
 
-from dorothy.dorothyd.channel import RECEIVE_LOW_WATER_MAX, accept, initiate
+from dorothy.dorothyd.channel import RECEIVE_LOW_WATER_MAX, RECEIVE_LOW_WATER_MIN, accept, initiate
 from dorothy.protocol import messages
 
 DEADLINE = 10.0  # seconds; a receive waiting for bytes never sent fails here
@@ -39,22 +40,26 @@ def chunk(size: int) -> messages.Chunk:
     return messages.Chunk(file=0, index=0, compressed=False, data=os.urandom(size))
 
 
-async def test_large_and_small_records_in_any_order_all_arrive(make_node):
+async def test_records_of_every_size_arrive_while_the_receiver_waits(make_node):
+    # Each record is sent only once the receiver sleeps for it: the case
+    # where a low-water mark above what the peer sends would never wake it.
     alpha, bravo = await connected(make_node)
-    sent = [chunk(2 << 20), messages.FileDone(file=0, sha256=bytes(32)), chunk(3 << 20), chunk(1),
-            chunk(RECEIVE_LOW_WATER_MAX + 7), messages.Done()]
+    sizes = [2 << 20, 1, RECEIVE_LOW_WATER_MIN - 1, RECEIVE_LOW_WATER_MIN + 1, 3 << 20, RECEIVE_LOW_WATER_MAX + 7]
+    sent = [m for size in sizes for m in (chunk(size), messages.FileDone(file=0, sha256=bytes(32)))] + [messages.Done()]
     received = []
     with trio.fail_after(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            async def send_all():
-                for message in sent:
-                    await alpha.send(message)
-            nursery.start_soon(send_all)
-            for _ in sent:
-                received.append(await bravo.receive())
+        for message in sent:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: _receive_into(bravo, received))
+                await trio.testing.wait_all_tasks_blocked()
+                await alpha.send(message)
     assert received == sent
     await alpha.close()
     await bravo.close()
+
+
+async def _receive_into(channel, received: list) -> None:
+    received.append(await channel.receive())
 
 
 async def test_a_receive_sleeps_until_the_rest_of_its_record_is_in(make_node):
