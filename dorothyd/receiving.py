@@ -367,13 +367,15 @@ class Incoming:
                 # A dropped connection or a shutdown must not cost what
                 # already arrived: make it durable before letting go (a
                 # crash still can).
-                if not running.cancelled_by_operator:
-                    try:
-                        await self._drain(partial, machine)
-                    except (OSError, sqlite3.OperationalError) as exc:
-                        log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
-                    await self._flush_quietly(partial, machine)
-                partial.close()
+                try:
+                    if not running.cancelled_by_operator:
+                        try:
+                            await self._drain(partial, machine)
+                        except (OSError, sqlite3.OperationalError) as exc:
+                            log.warning("transfer %s: could not save received chunks: %s", self.id, exc)
+                        await self._flush_quietly(partial, machine)
+                finally:
+                    partial.close()  # whatever went wrong: no descriptor or writer thread left behind
                 try:
                     state = store.get(self.id)["state"]
                     if state == "active":

@@ -81,13 +81,15 @@ def test_a_failed_disk_write_fails_its_batch(tmp_path, monkeypatch):
 
 def test_a_batch_that_fails_while_its_chunk_is_written_waits_for_that_write(tmp_path, monkeypatch):
     # Else close() could meet the write still running on its descriptor.
+    # (Where the file system refuses O_DIRECT, as tmpfs does, the write is
+    # made before the hashing, in the caller's thread, and this holds too.)
     partial = PartialFiles(tmp_path, "t", [DIRECT_MIN_FILE])
     caller, hashing_failed, finished = threading.current_thread(), threading.Event(), []
     real_pwrite = os.pwrite
 
     def slow_pwrite(fd, data, offset):
         if threading.current_thread() is not caller:  # the direct writer's thread
-            hashing_failed.wait()
+            assert hashing_failed.wait(timeout=30), "the chunk was not hashed while it was written"
         written = real_pwrite(fd, data, offset)
         finished.append(written)
         return written
