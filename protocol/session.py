@@ -235,16 +235,31 @@ class Session:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the network; b"" means the peer closed the stream."""
+        self._receive(lambda: self._take(data), end=not data)
+
+    def receive_buffer(self, size: int) -> memoryview:
+        """Once the handshake is done: where to receive at least `size`
+        bytes straight from the socket, with no copy (then call
+        `received_into`)."""
+        if self.state not in (State.AWAIT_CONFIRM, State.OPEN):
+            raise LocalProtocolError(f"no receive buffer in state {self.state.value}")
+        return self._frames.receive_buffer(size)
+
+    def received_into(self, count: int) -> None:
+        """`count` bytes were received into the view `receive_buffer`
+        returned; 0 means the peer closed the stream."""
+        self._receive(lambda: self._frames.received_into(count), end=not count)
+
+    def _receive(self, feed, *, end: bool) -> None:
+        """Take new bytes (`feed`) or the end of the stream, then act on
+        every frame they completed."""
         if self.state is State.ERROR:
             raise LocalProtocolError("session already failed")
         try:
-            if not data:
+            if end:
                 self._eof = True
-            elif self.state is State.AWAIT_PREAMBLE:
-                self._preamble_buffer += data
-                self._read_preamble()
             else:
-                self._frames.receive_data(data)
+                feed()
             self._process_frames()
             if self._eof and self.state is not State.CLOSED:
                 raise RemoteProtocolError(
@@ -253,6 +268,13 @@ class Session:
         except ProtocolError:
             self.state = State.ERROR
             raise
+
+    def _take(self, data: bytes) -> None:
+        if self.state is State.AWAIT_PREAMBLE:
+            self._preamble_buffer += data
+            self._read_preamble()
+        else:
+            self._frames.receive_data(data)
 
     def bytes_wanted(self) -> int:
         """At least how many more bytes `receive_data` needs before it can

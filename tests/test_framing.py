@@ -57,7 +57,7 @@ def feed(decoder: FrameDecoder, pieces: list[bytes]) -> list[bytes]:
     for piece in pieces:
         decoder.receive_data(piece)
         while (frame := decoder.next_frame()) is not None:
-            frames.append(frame)
+            frames.append(bytes(frame))
     return frames
 
 
@@ -86,7 +86,7 @@ def test_any_bytes_yield_the_reference_frames_or_a_remote_error(limit_and_data, 
         for piece in pieces:
             decoder.receive_data(piece)
             while (frame := decoder.next_frame()) is not None:
-                got.append(frame)
+                got.append(bytes(frame))
     except RemoteProtocolError as exc:
         assert oversized, "refused a stream whose every header is within the limit"
         assert exc.code == "frame_too_large"
@@ -241,3 +241,37 @@ def test_wanted_is_exactly_what_completes_the_next_frame(limit, data):
         else:  # the header is complete: now the whole body is wanted
             assert decoder.wanted == len(bodies[len(frames)]) > 0
     assert frames == bodies
+
+
+@FAST
+@given(small_limits, st.data())
+def test_receiving_into_the_buffer_yields_the_same_frames(limit, data):
+    # The channel receives socket bytes straight into the decoder's buffer,
+    # in reads of any size up to the room it was given.
+    bodies = data.draw(st.lists(st.binary(max_size=limit), max_size=8), label="bodies")
+    stream = b"".join(encode_frame(b, limit) for b in bodies)
+    decoder, offset, frames = FrameDecoder(limit), 0, []
+    while offset < len(stream):
+        room = decoder.receive_buffer(data.draw(st.integers(1, 16), label="room asked"))
+        count = data.draw(st.integers(1, min(len(room), len(stream) - offset)), label="bytes read")
+        room[:count] = stream[offset : offset + count]
+        room.release()
+        decoder.received_into(count)
+        offset += count
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(bytes(frame))
+    assert frames == bodies
+    assert decoder.buffered == 0
+
+
+def test_the_room_given_holds_the_rest_of_the_frame_being_received():
+    decoder = FrameDecoder(1000)
+    decoder.receive_data(encode_frame(bytes(700))[:100])
+    assert len(decoder.receive_buffer(1)) >= 604  # one read can finish the frame
+
+
+def test_receiving_more_than_the_room_given_is_refused():
+    decoder = FrameDecoder(1000)
+    room = len(decoder.receive_buffer(10))
+    with pytest.raises(LocalProtocolError):
+        decoder.received_into(room + 1)
