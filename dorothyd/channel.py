@@ -37,8 +37,11 @@ LOW_WATER_SUPPORTED = sys.platform == "linux" and hasattr(socket, "SO_RCVLOWAT")
 
 
 def _bytes_waiting(sock) -> int:
-    """Bytes received and not yet read (FIONREAD)."""
-    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder, signed=True)
+    """Bytes received and not yet read (FIONREAD); 0 for a closed socket."""
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder, signed=True)
+    except (OSError, ValueError):  # ValueError: closed meanwhile (fileno -1)
+        return 0
 
 
 class ChannelClosed(Exception):
@@ -89,9 +92,11 @@ class Channel:
 
     async def _receive_into(self, buffer: memoryview) -> int:
         """Bytes received into `buffer` (0 at the end of the stream). The
-        idle deadline counts bytes as they arrive, below the low-water mark
+        idle deadline counts bytes that arrive below the low-water mark
         too: a link too slow to bring the mark's bytes within the deadline
-        is slow, not idle, and is then read as things come."""
+        is slow, not idle, and from then on this connection is read as
+        things come. (So a peer that falls silent is dropped within two
+        deadlines of its last byte, not one.)"""
         while True:
             with trio.move_on_after(self.idle_timeout):
                 try:
@@ -101,6 +106,7 @@ class Channel:
             if self._low_water in (None, 1) or not _bytes_waiting(self._socket):
                 raise trio.TooSlowError
             self._set_low_water(1)
+            self._low_water = None
 
     def _set_low_water(self, wanted: int) -> None:
         """Have the kernel wake a waiting receive once `wanted` bytes are

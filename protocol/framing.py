@@ -21,9 +21,15 @@ MAX_FRAME = 16 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 65535
 
 
-# An empty buffer larger than this is let go: a chunk record (at most 4 MiB)
-# and a read fit in it, and only a large manifest needs more, once.
-KEEP_BUFFER_MAX = 8 << 20
+# The decoder's buffer (see FrameDecoder). Room for a frame is made ahead
+# of its bytes up to GROW_AHEAD_MAX: a chunk record (at most 4 MiB) fits at
+# once, and only a large manifest's buffer grows as its bytes come. An
+# empty buffer larger than that is let go: only such a manifest needs more.
+# A read at a frame boundary gets room for at least MIN_ROOM, so small
+# frames come many to a read.
+GROW_AHEAD_MAX = 8 << 20
+KEEP_BUFFER_MAX = GROW_AHEAD_MAX
+MIN_ROOM = 64 << 10
 
 
 def encode_frame(payload: bytes, limit: int = MAX_FRAME) -> bytes:
@@ -39,11 +45,12 @@ class FrameDecoder:
     straight into it (`receive_buffer`, then `received_into`: no copy at
     all), and each frame is handed over as a view of that buffer, valid
     until bytes are added again. A frame therefore costs no join however
-    many reads it took (a 2 MiB record arrives in several); only the start
-    of a frame left at the buffer's end is moved, when the rest would not
-    fit behind it. The buffer holds what the caller asked room for and the
-    frame being received, whose length is checked against the limit before
-    the buffer grows for it; it shrinks back once a large frame is through.
+    many reads it took (a 2 MiB record arrives in several). The room offered
+    for the rest of a large frame is exactly that rest, so a read ends where
+    the frame does and the next one starts at the front of the buffer; only
+    the start of a frame left behind other frames is ever moved, once. The
+    buffer holds the frame being received, whose length is checked against
+    the limit first, and at most one read beyond it.
     """
 
     def __init__(self, limit: int = MAX_HANDSHAKE_FRAME):
@@ -51,38 +58,57 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._start = 0  # first byte not yet handed over
         self._end = 0  # end of the bytes received
+        self._offered = 0  # the room receive_buffer last offered
 
     def receive_data(self, data: bytes) -> None:
         if data:
-            self.receive_buffer(len(data))[: len(data)] = data
+            self._make_room(len(data))
+            self._buffer[self._end : self._end + len(data)] = data
             self._end += len(data)
         self._frame_length()
 
-    def receive_buffer(self, size: int) -> memoryview:
-        """A writable view of at least `size` free bytes, and at least the
-        rest of the frame being received, to receive into; then call
-        `received_into`."""
+    def receive_buffer(self, read_size: int) -> memoryview:
+        """Room to receive into (then call `received_into`): the rest of
+        the frame being received when that is at least MIN_ROOM, else up to
+        `read_size` bytes."""
         length = self._frame_length()
         pending = self._end - self._start
-        size = max(size, 0 if length is None else HEADER_LEN + length - pending)
+        if length is not None:
+            rest = HEADER_LEN + length - pending
+            needed, offered = min(rest, GROW_AHEAD_MAX), rest if rest >= MIN_ROOM else read_size
+        else:  # a boundary: room for many small frames; within a header: for the header
+            needed, offered = MIN_ROOM if not pending else HEADER_LEN - pending, read_size
+        self._make_room(max(1, needed))
+        room = memoryview(self._buffer)[self._end : self._end + max(1, offered)]
+        self._offered = len(room)
+        return room
+
+    def _make_room(self, needed: int) -> None:
+        """At least `needed` free bytes after the end: the pending bytes
+        move to the front, or into a new, larger buffer (then views still
+        held of the old one stay as they were)."""
+        pending = self._end - self._start
         if not pending:
             self._start = self._end = 0
-            if len(self._buffer) > KEEP_BUFFER_MAX:  # a manifest's megabytes are not kept for the chunks
+            if len(self._buffer) > KEEP_BUFFER_MAX:  # a large manifest's: not kept for the chunks
                 self._buffer = bytearray()
-        if len(self._buffer) - self._end < size:
-            # Only the pending bytes move: to the front, or into a larger
-            # buffer (then views still held of the old one stay as they were).
-            target = self._buffer if len(self._buffer) >= pending + size else bytearray(pending + size)
-            target[:pending] = self._buffer[self._start : self._end]
-            self._buffer, self._start, self._end = target, 0, pending
-        return memoryview(self._buffer)[self._end :]
+        if len(self._buffer) - self._end >= needed:
+            return
+        if self._start and len(self._buffer) - pending >= needed:
+            self._buffer[:pending] = self._buffer[self._start : self._end]
+        else:
+            grown = bytearray(pending + max(needed, MIN_ROOM))
+            grown[:pending] = memoryview(self._buffer)[self._start : self._end]
+            self._buffer = grown
+        self._start, self._end = 0, pending
 
     def received_into(self, count: int) -> None:
         """`count` bytes were written at the start of the view that
         `receive_buffer` returned."""
-        if not 0 <= count <= len(self._buffer) - self._end:
-            raise LocalProtocolError(f"received {count} bytes into a buffer of {len(self._buffer) - self._end}")
+        if not 0 <= count <= self._offered:
+            raise LocalProtocolError(f"received {count} bytes into room for {self._offered}")
         self._end += count
+        self._offered = 0
         self._frame_length()
 
     def _frame_length(self) -> int | None:

@@ -86,9 +86,11 @@ async def test_a_receive_sleeps_until_the_rest_of_its_record_is_in(make_node):
     await bravo.close()
 
 
-async def test_a_link_slower_than_the_low_water_mark_is_slow_not_idle(make_node, autojump_clock):
+async def test_a_link_slower_than_the_low_water_mark_is_slow_not_idle(make_node, mock_clock):
     # Bytes keep arriving, each gap shorter than the idle deadline, but a
     # whole low-water mark's worth takes longer: the receive must go on.
+    # (The clock jumps only once the loopback bytes have had 0.1 s to land.)
+    mock_clock.autojump_threshold = 0.1
     alpha, bravo = await connected(make_node, idle_timeout=1.0)
     message = chunk(2 << 20)
     frame = alpha.session.send_message(messages.encode(message))

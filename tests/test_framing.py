@@ -264,10 +264,50 @@ def test_receiving_into_the_buffer_yields_the_same_frames(limit, data):
     assert decoder.buffered == 0
 
 
-def test_the_room_given_holds_the_rest_of_the_frame_being_received():
-    decoder = FrameDecoder(1000)
-    decoder.receive_data(encode_frame(bytes(700))[:100])
-    assert len(decoder.receive_buffer(1)) >= 604  # one read can finish the frame
+def test_the_room_given_for_a_large_frame_is_exactly_its_rest():
+    # A read then ends where the frame does, and the next frame starts at
+    # the front of the buffer: nothing to move.
+    decoder = FrameDecoder(MAX_FRAME)
+    decoder.receive_data(encode_frame(bytes(200 << 10))[:100])
+    assert len(decoder.receive_buffer(1 << 20)) == HEADER_LEN + (200 << 10) - 100
+
+
+def test_room_is_offered_while_whole_frames_wait_to_be_taken():
+    # A session takes frames after each read, but the decoder must not rely
+    # on it: a full buffer of complete frames still gets room for more.
+    decoder = FrameDecoder(MAX_FRAME)
+    bodies = [bytes([n]) * 30_000 for n in range(3)]  # more than MIN_ROOM: a buffer filled exactly
+    decoder.receive_data(b"".join(encode_frame(b) for b in bodies))
+    room = decoder.receive_buffer(1 << 20)
+    assert len(room) >= 1
+    room[:HEADER_LEN] = encode_frame(b"")
+    room.release()
+    decoder.received_into(HEADER_LEN)
+    assert [bytes(f) for f in iter(decoder.next_frame, None)] == [*bodies, b""]
+
+
+def _reads_one_byte_at_a_time(decoder: FrameDecoder, data: bytes) -> int:
+    """How many times the decoder took a new buffer."""
+    buffers = set()
+    for byte in data:
+        room = decoder.receive_buffer(1 << 20)
+        buffers.add(id(decoder._buffer))
+        room[0] = byte
+        room.release()
+        decoder.received_into(1)
+        while decoder.next_frame() is not None:
+            pass
+    return len(buffers)
+
+
+def test_a_peer_trickling_bytes_costs_no_new_buffer_per_byte():
+    # Each new buffer is zero-filled and the pending bytes copied: per byte,
+    # that would let a peer keep the event loop busy for a few bytes a second.
+    small_frames = b"".join(encode_frame(bytes(n)) for n in (0, 1, 1000, 60 << 10, 3)) * 3
+    assert _reads_one_byte_at_a_time(FrameDecoder(MAX_FRAME), small_frames) <= 2
+    decoder, large = FrameDecoder(MAX_FRAME), encode_frame(bytes(MAX_FRAME))
+    decoder.receive_data(large[: -(64 << 10)])
+    assert _reads_one_byte_at_a_time(decoder, large[-(64 << 10) :][:2000]) == 1
 
 
 def test_receiving_more_than_the_room_given_is_refused():
