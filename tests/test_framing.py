@@ -51,6 +51,12 @@ def reference_frames(data: bytes, limit: int) -> tuple[list[bytes], bool]:
     return frames, False
 
 
+def draw_frames(data, limit: int, min_size: int = 0) -> tuple[list[bytes], bytes]:
+    """(frame bodies, the stream of their frames), within `limit`."""
+    bodies = data.draw(st.lists(st.binary(max_size=limit), min_size=min_size, max_size=8), label="bodies")
+    return bodies, b"".join(encode_frame(b, limit) for b in bodies)
+
+
 def feed(decoder: FrameDecoder, pieces: list[bytes]) -> list[bytes]:
     """Feed pieces as a Session does: after each, pull every complete frame."""
     frames = []
@@ -101,8 +107,7 @@ def test_any_bytes_yield_the_reference_frames_or_a_remote_error(limit_and_data, 
 @FAST
 @given(small_limits, st.data())
 def test_valid_frames_survive_any_split(limit, data):
-    bodies = data.draw(st.lists(st.binary(max_size=limit), max_size=8), label="bodies")
-    stream = b"".join(encode_frame(b, limit) for b in bodies)
+    bodies, stream = draw_frames(data, limit)
     pieces = data.draw(split(stream), label="pieces")
     decoder = FrameDecoder(limit)
     assert feed(decoder, pieces) == bodies
@@ -225,8 +230,7 @@ def test_wanted_is_exactly_what_completes_the_next_frame(limit, data):
     # A reader waits for `wanted` bytes before it reads again (SO_RCVLOWAT):
     # asking for more than completes a frame could wait for bytes the peer
     # never sends; asking for less only wakes it early.
-    bodies = data.draw(st.lists(st.binary(max_size=limit), min_size=1, max_size=6), label="bodies")
-    stream = b"".join(encode_frame(b, limit) for b in bodies)
+    bodies, stream = draw_frames(data, limit, min_size=1)
     decoder, offset, frames = FrameDecoder(limit), 0, []
     while offset < len(stream):
         wanted = decoder.wanted
@@ -248,8 +252,7 @@ def test_wanted_is_exactly_what_completes_the_next_frame(limit, data):
 def test_receiving_into_the_buffer_yields_the_same_frames(limit, data):
     # The channel receives socket bytes straight into the decoder's buffer,
     # in reads of any size up to the room it was given.
-    bodies = data.draw(st.lists(st.binary(max_size=limit), max_size=8), label="bodies")
-    stream = b"".join(encode_frame(b, limit) for b in bodies)
+    bodies, stream = draw_frames(data, limit)
     decoder, offset, frames = FrameDecoder(limit), 0, []
     while offset < len(stream):
         room = decoder.receive_buffer(data.draw(st.integers(1, 16), label="room asked"))
