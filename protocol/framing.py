@@ -62,7 +62,7 @@ class FrameDecoder:
 
     def receive_data(self, data: bytes) -> None:
         if data:
-            self._make_room(len(data))
+            self._make_room(len(data), ahead=max(len(data), (self._end - self._start) // 2))  # growing by half
             self._buffer[self._end : self._end + len(data)] = data
             self._end += len(data)
         self._frame_length()
@@ -73,20 +73,25 @@ class FrameDecoder:
         `read_size` bytes."""
         length = self._frame_length()
         pending = self._end - self._start
-        if length is not None:
+        if length is None:  # a boundary: room for many small frames; within a header: for the header
+            needed, ahead, offered = MIN_ROOM if not pending else HEADER_LEN - pending, MIN_ROOM, read_size
+        else:
             rest = HEADER_LEN + length - pending
-            needed, offered = min(rest, GROW_AHEAD_MAX), rest if rest >= MIN_ROOM else read_size
-        else:  # a boundary: room for many small frames; within a header: for the header
-            needed, offered = MIN_ROOM if not pending else HEADER_LEN - pending, read_size
-        self._make_room(max(1, needed))
+            offered = rest if rest >= MIN_ROOM else read_size
+            if rest <= GROW_AHEAD_MAX:  # all of it at once
+                needed = ahead = max(1, rest)
+            else:  # a large manifest: room only once the buffer is full, doubling it
+                needed, ahead = 1, min(rest, max(MIN_ROOM, pending))
+        self._make_room(needed, ahead)
         room = memoryview(self._buffer)[self._end : self._end + max(1, offered)]
         self._offered = len(room)
         return room
 
-    def _make_room(self, needed: int) -> None:
+    def _make_room(self, needed: int, ahead: int) -> None:
         """At least `needed` free bytes after the end: the pending bytes
-        move to the front, or into a new, larger buffer (then views still
-        held of the old one stay as they were)."""
+        move to the front, or into a new buffer with `ahead` free bytes, or
+        MIN_ROOM if more (views still held of the old one stay as they
+        were)."""
         pending = self._end - self._start
         if not pending:
             self._start = self._end = 0
@@ -97,7 +102,7 @@ class FrameDecoder:
         if self._start and len(self._buffer) - pending >= needed:
             self._buffer[:pending] = self._buffer[self._start : self._end]
         else:
-            grown = bytearray(pending + max(needed, MIN_ROOM))
+            grown = bytearray(pending + max(needed, ahead, MIN_ROOM))
             grown[:pending] = memoryview(self._buffer)[self._start : self._end]
             self._buffer = grown
         self._start, self._end = 0, pending

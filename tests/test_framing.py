@@ -290,17 +290,18 @@ def test_room_is_offered_while_whole_frames_wait_to_be_taken():
 
 
 def _reads_one_byte_at_a_time(decoder: FrameDecoder, data: bytes) -> int:
-    """How many times the decoder took a new buffer."""
-    buffers = set()
+    """How many buffers the decoder used (the one it had included)."""
+    buffers, last = 1, decoder._buffer
     for byte in data:
         room = decoder.receive_buffer(1 << 20)
-        buffers.add(id(decoder._buffer))
+        if decoder._buffer is not last:
+            buffers, last = buffers + 1, decoder._buffer
         room[0] = byte
         room.release()
         decoder.received_into(1)
         while decoder.next_frame() is not None:
             pass
-    return len(buffers)
+    return buffers
 
 
 def test_a_peer_trickling_bytes_costs_no_new_buffer_per_byte():
@@ -308,9 +309,27 @@ def test_a_peer_trickling_bytes_costs_no_new_buffer_per_byte():
     # that would let a peer keep the event loop busy for a few bytes a second.
     small_frames = b"".join(encode_frame(bytes(n)) for n in (0, 1, 1000, 60 << 10, 3)) * 3
     assert _reads_one_byte_at_a_time(FrameDecoder(MAX_FRAME), small_frames) <= 2
+    large = encode_frame(bytes(MAX_FRAME))
+    for received in (0, 4 << 20, len(large) - (64 << 10)):  # its start, far from either end, near its end
+        decoder = FrameDecoder(MAX_FRAME)
+        decoder.receive_data(large[:received])
+        assert _reads_one_byte_at_a_time(decoder, large[received:][:2000]) <= 2
+
+
+def test_a_large_frame_read_in_pieces_takes_a_few_buffers_not_one_per_piece():
+    # Room for a frame over GROW_AHEAD_MAX grows as its bytes come, doubling.
     decoder, large = FrameDecoder(MAX_FRAME), encode_frame(bytes(MAX_FRAME))
-    decoder.receive_data(large[: -(64 << 10)])
-    assert _reads_one_byte_at_a_time(decoder, large[-(64 << 10) :][:2000]) == 1
+    buffers, last = 1, decoder._buffer
+    for start in range(0, len(large), 64 << 10):
+        room = decoder.receive_buffer(1 << 20)
+        if decoder._buffer is not last:
+            buffers, last = buffers + 1, decoder._buffer
+        count = min(len(room), 64 << 10, len(large) - start)
+        room[:count] = large[start : start + count]
+        room.release()
+        decoder.received_into(count)
+    assert decoder.next_frame() is not None
+    assert buffers <= 12
 
 
 def test_receiving_more_than_the_room_given_is_refused():
