@@ -277,7 +277,7 @@ class Session:
             self._frames.receive_data(data)
 
     def bytes_wanted(self) -> int:
-        """At least how many more bytes `receive_data` needs before it can
+        """At least how many more bytes the session needs before it can
         produce another event (1 where that is not known): a transport may
         wait for that many before reading."""
         if self.state in (State.AWAIT_PREAMBLE, State.CLOSED, State.ERROR):
