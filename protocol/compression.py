@@ -35,14 +35,24 @@ SAMPLE_MIN_SAVING = 32
 _per_thread = threading.local()
 
 
+def _per_thread_instance(name: str, make):
+    # One (de)compressor per thread, reused: zstandard's are not thread-safe,
+    # and making one per call cost 7% of the sender's time on a folder of
+    # small files, and the receiver 16 us per compressed chunk (23 against
+    # 7 us for a 2 KiB chunk, 56 against 40 for 32 KiB), on its event loop.
+    instance = getattr(_per_thread, name, None)
+    if instance is None:
+        instance = make()
+        setattr(_per_thread, name, instance)
+    return instance
+
+
 def _compressor() -> zstandard.ZstdCompressor:
-    # One per thread, reused: zstandard's compressors are not thread-safe and
-    # senders compress in worker threads, while creating one per call cost 7%
-    # of the sender's time on a folder of small files.
-    compressor = getattr(_per_thread, "compressor", None)
-    if compressor is None:
-        compressor = _per_thread.compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True)
-    return compressor
+    return _per_thread_instance("compressor", lambda: zstandard.ZstdCompressor(level=LEVEL, write_content_size=True))
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    return _per_thread_instance("decompressor", lambda: zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW))
 
 
 def _sample_compresses(data: bytes) -> bool:
@@ -74,10 +84,9 @@ def decompress_exact(data: bytes, expected: int) -> bytes:
     if header.content_size != expected:
         declared = "no size" if header.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{header.content_size} bytes"
         raise RemoteProtocolError(f"compressed chunk declares {declared}, expected {expected}", code="bad_chunk")
-    decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
     try:
         # One pass: fails on a truncated frame, and on anything after it.
-        out = decompressor.decompress(data, allow_extra_data=False)
+        out = _decompressor().decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(f"chunk is not exactly one complete zstd frame: {exc}", code="bad_chunk") from None
     if len(out) != expected:

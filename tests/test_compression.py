@@ -174,6 +174,23 @@ def test_every_truncation_of_a_frame_is_refused():
         refused(payload[:cut], len(data))
 
 
+@given(st.lists(st.tuples(st.integers(200, 6000), st.sampled_from(["whole", "cut", "tail"]), st.integers(0, 1 << 16)), min_size=2, max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_a_refused_frame_leaves_nothing_behind_for_the_next_chunk(steps):
+    # Decompressors are reused per thread: a frame refused half-way must not
+    # leave state that changes how the next chunk decodes.
+    for length, damage, at in steps:
+        plain = TEXT[at % 1000 : at % 1000 + length]
+        compressed, frame = compress_if_smaller(plain)
+        assert compressed
+        if damage == "whole":
+            assert decompress_exact(frame, len(plain)) == plain
+        elif damage == "cut":
+            refused(frame[: at % len(frame)], len(plain))
+        else:
+            refused(frame + frame[: 1 + at % len(frame)], len(plain))
+
+
 def test_a_corrupted_frame_is_refused_or_keeps_the_chunk_length():
     data = TEXT[:5000]
     _, payload = compress_if_smaller(data)
