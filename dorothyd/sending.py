@@ -111,7 +111,7 @@ class Outgoing:
         finally:
             self._record = None
 
-    def _seal(self, message) -> bytearray:
+    def _seal(self, message) -> memoryview:
         return self.channel.session.send_message(messages.encode(message))
 
     async def _produce(self, out: trio.MemorySendChannel) -> None:
@@ -233,7 +233,7 @@ class Outgoing:
 
     def _prepare(
         self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool, compress: bool
-    ) -> bytearray | None:
+    ) -> memoryview | None:
         """Worker thread: read, hash, and (if the receiver lacks it) seal one
         chunk, compressed if `compress` and that makes it smaller. The chunk
         is read straight into the record buffer, after its message header,

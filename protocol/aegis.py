@@ -20,6 +20,17 @@ KEY_LEN = 32
 NONCE_LEN = 32
 TAG_LEN = 32
 
+# Buffers that libsodium writes whole before anything reads them need not be
+# zero-filled first: bytearray(n) did, and that was 7% of the sending
+# worker and 11% of the receiving event loop (perf, 2 MiB records).
+_unzeroed = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def output_buffer(size: int) -> memoryview:
+    """A writable buffer of `size` bytes whose contents are undefined until
+    written: only for output that seal_into or open_into writes in full."""
+    return memoryview(ffi.buffer(_unzeroed("unsigned char[]", size)))
+
 
 def _check(nonce: bytes, key: bytes) -> None:
     # libsodium reads NONCE_LEN and KEY_LEN bytes from these pointers
@@ -28,7 +39,7 @@ def _check(nonce: bytes, key: bytes) -> None:
         raise ValueError(f"AEGIS-256 takes a {NONCE_LEN}-byte nonce and a {KEY_LEN}-byte key")
 
 
-def seal_into(out: bytearray, offset: int, plaintext, nonce: bytes, key: bytes) -> None:
+def seal_into(out, offset: int, plaintext, nonce: bytes, key: bytes) -> None:
     """Write the ciphertext of `plaintext` and its tag into `out` at `offset`
     (len(plaintext) + TAG_LEN bytes)."""
     _check(nonce, key)
@@ -41,7 +52,7 @@ def seal_into(out: bytearray, offset: int, plaintext, nonce: bytes, key: bytes) 
         raise ValueError("AEGIS-256 encryption failed")
 
 
-def open_into(out: bytearray, ciphertext, nonce: bytes, key: bytes) -> bool:
+def open_into(out, ciphertext, nonce: bytes, key: bytes) -> bool:
     """Decrypt `ciphertext` (with its tag) into `out`, which must hold
     len(ciphertext) - TAG_LEN bytes; False if it does not authenticate."""
     _check(nonce, key)

@@ -109,23 +109,23 @@ class RecordCipher:
         if self._counter % self._rekey_interval == 0:
             self._key = blake2b(b"dorothy rekey", key=self._key, digest_size=32).digest()
 
-    def seal_frame(self, plaintext) -> bytearray:
+    def seal_frame(self, plaintext) -> memoryview:
         """The frame carrying `plaintext` (any buffer) sealed: sealed
         straight into the frame, after its length header."""
         size = len(plaintext) + TAG_LEN
         if size > MAX_FRAME:
             raise LocalProtocolError(f"record of {size} bytes exceeds the {MAX_FRAME}-byte frame limit")
-        frame = bytearray(HEADER_LEN + size)
+        frame = aegis.output_buffer(HEADER_LEN + size)
         frame[:HEADER_LEN] = size.to_bytes(HEADER_LEN, "big")
         aegis.seal_into(frame, HEADER_LEN, plaintext, self._nonce(), self._key)
         self._advance()
         return frame
 
-    def open(self, ciphertext) -> bytearray:
+    def open(self, ciphertext) -> memoryview:
         """The plaintext of one sealed record (bytes or a view of them)."""
         if len(ciphertext) < TAG_LEN:
             raise RemoteProtocolError(f"record of {len(ciphertext)} bytes is too short", code="bad_record")
-        plaintext = bytearray(len(ciphertext) - TAG_LEN)
+        plaintext = aegis.output_buffer(len(ciphertext) - TAG_LEN)
         if not aegis.open_into(plaintext, ciphertext, self._nonce(), self._key):
             raise RemoteProtocolError(
                 f"record {self._counter} failed authentication (tampered, reordered or replayed)",
@@ -206,12 +206,12 @@ class Session:
         )
         return preamble + encode_frame(self._handshake.write_message(b""), MAX_HANDSHAKE_FRAME)
 
-    def send_message(self, data: bytes) -> bytearray:
+    def send_message(self, data: bytes) -> memoryview:
         """Seal application data. The initiator may call this as soon as the
         handshake completes; its first record is the key confirmation."""
         return self.send_record(DATA_RECORD + data)
 
-    def send_record(self, record) -> bytearray:
+    def send_record(self, record) -> memoryview:
         """Seal a data record the caller built itself: DATA_RECORD, then the
         message (any buffer). It lets a sender read a chunk straight into
         the buffer it is sealed from."""
@@ -382,7 +382,7 @@ class Session:
         if len(frame) < TAG_LEN + 1:
             raise RemoteProtocolError(f"record of {len(frame)} bytes is too short", code="bad_record")
         plaintext = self._recv.open(frame)
-        kind, body = plaintext[0], memoryview(plaintext)[1:]
+        kind, body = plaintext[0], plaintext[1:]
         if self.state is State.AWAIT_CONFIRM:
             if kind != RECORD_CONFIRM or body:
                 raise RemoteProtocolError("the first record must be the key confirmation", code="bad_record")
