@@ -29,6 +29,10 @@ NOTES = [
     "during a run by processes outside the measured trees (interference on a shared machine).",
     "Single runs on a 2-core machine move by tens of percent between sets; compare tools within one run.",
 ]
+CACHE_KEPT_NOTE = (
+    "The page cache was not emptied before each throughput run (that needs root, or --keep-page-cache was "
+    "given): on a virtual machine, later runs may pay for what earlier ones cached (bench/README.md)."
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quiet-max", type=float, default=10.0, help="wait at most this long for a quieter machine before a run")
     ap.add_argument("--work", default="/tmp/dorothy-bench", help="data, daemons' homes, sshd (default /tmp/dorothy-bench)")
     ap.add_argument("--out", help="JSON of every run (default bench/out/results.json, with --quick bench/out/quick.json)")
+    ap.add_argument("--keep-page-cache", action="store_true",
+                    help="do not empty the page cache before each throughput run (it is emptied where permitted: root)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and one run: a smoke test of the harness")
     args = ap.parse_args(argv)
     args.out = args.out or ("bench/out/quick.json" if args.quick else "bench/out/results.json")
@@ -103,7 +109,7 @@ def run_throughput(args, sets: dict, sshd, work: Path, stack: contextlib.ExitSta
             if tool != "dorothy":
                 tools[tool] = lambda path, dest, tool=tool: sshd.run(tool, path, dest)
     log(f"\nthroughput: {', '.join(d.scenario for d in datasets)} x {', '.join(tools)}, {args.runs} run(s) each, alternating")
-    rows = throughput.run_all(datasets, tools, args.runs, work / "recv", args.quiet_max, log)
+    rows = throughput.run_all(datasets, tools, args.runs, work / "recv", args.quiet_max, not args.keep_page_cache, log)
     return {"runs": rows, "summary": throughput.summarize(rows)}
 
 
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.work)
-    results = {"machine": machine.describe(), "args": vars(args), "notes": NOTES}
+    results = {"machine": machine.describe(), "args": vars(args), "notes": list(NOTES)}
     log(f"machine: {machine.one_line(results['machine'])}")
     started = time.perf_counter()
     sshd = None
@@ -210,6 +216,8 @@ def main(argv=None) -> int:
                 results["micro"] = micro.run(args.micro_seconds)
             sshd = start_sshd(args, work, results)
             results["throughput"] = run_throughput(args, sets, sshd, work, stack)
+            if not all(row["page_cache_dropped"] for row in results["throughput"].get("runs", [])):
+                results["notes"].append(CACHE_KEPT_NOTE)
             stack.close()  # the throughput daemons are not needed any more
             if "resume" in args.only:
                 results["resume"] = run_resume(args, sets, sshd, work)

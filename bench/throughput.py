@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import tree_size
-from .measure import MiB, cpu_busy, median, timed_sync, warm
+from .measure import MiB, cpu_busy, drop_page_cache, median, timed_sync, warm
 
 
 @dataclass
@@ -75,7 +75,11 @@ def record(tool: str, dataset: Dataset, run: int, raw: dict, received: tuple[int
     return row
 
 
-def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, quiet_max: float, log) -> list[dict]:
+def run_all(
+    datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, quiet_max: float, drop_caches: bool, log
+) -> list[dict]:
+    """Each run starts with its data set in the page cache and, with
+    `drop_caches` (where permitted), nothing else in it."""
     rows = []
     for dataset in datasets:
         warm(str(dataset.path))
@@ -93,11 +97,15 @@ def run_all(datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, qu
                     dest.mkdir(parents=True)
                     kept.append(dest)
                     timed_sync()
+                    dropped = drop_caches and drop_page_cache()
+                    if dropped:
+                        warm(str(dataset.path))
                     busy = settle(quiet_max, log)
                     raw = send(dataset.path, dest)
                     raw["sync_after_s"] = timed_sync()
                     row = record(tool, dataset, run, raw, raw.pop("received", None) or _received(dest, dataset))
                     row["busy_before"] = round(busy, 2)
+                    row["page_cache_dropped"] = dropped
                     rows.append(row)
                     if dataset.files == 1:
                         shutil.rmtree(dest, ignore_errors=True)
