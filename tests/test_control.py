@@ -71,6 +71,17 @@ async def test_the_list_of_transfers_counts_files_without_listing_them(make_node
     assert one["file_count"] == 1 and [f["path"] for f in one["files"]] == ["a.bin"]
 
 
+async def test_the_receipt_travels_only_with_the_files(make_node, clock):
+    # A receipt lists every file's SHA-256, so it grows with the files: the
+    # list of all transfers and a wait would otherwise carry every receipt.
+    node = with_transfer(make_node)
+    node.store.update(TRANSFER, iso_now(), state="done", receipt=b"\x01signed receipt")
+    assert (await _dispatch(node, {"op": "status", "id": TRANSFER}))["transfer"]["receipt"] == b"\x01signed receipt".hex()
+    assert (await _dispatch(node, {"op": "status", "id": TRANSFER, "files": False}))["transfer"]["receipt"] is None
+    assert (await _dispatch(node, {"op": "wait", "id": TRANSFER, "seconds": 1}))["transfer"]["receipt"] is None
+    assert [t["receipt"] for t in (await _dispatch(node, {"op": "status"}))["transfers"]] == [None]
+
+
 async def test_wait_gives_the_transfer_as_it_is_after_the_given_seconds(make_node, clock):
     node = with_transfer(make_node)
     started = trio.current_time()
