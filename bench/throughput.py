@@ -78,9 +78,14 @@ def record(tool: str, dataset: Dataset, run: int, raw: dict, received: tuple[int
 def run_all(
     datasets: list[Dataset], tools: dict, runs: int, dest_root: Path, quiet_max: float, drop_caches: bool, log
 ) -> list[dict]:
-    """Each run starts with its data set in the page cache and, with
-    `drop_caches` (where permitted), nothing else in it."""
+    """Each run starts with its data set in the page cache, after an
+    untimed send of a tiny file by the same tool (so that its programs and
+    their files are in the page cache too) and, with `drop_caches` (where
+    permitted), after the page cache was emptied of everything else."""
     rows = []
+    warmup = dest_root / "warmup" / "warmup.bin"
+    warmup.parent.mkdir(parents=True, exist_ok=True)
+    warmup.write_bytes(b"warm-up\n")
     for dataset in datasets:
         warm(str(dataset.path))
         # The copies of a folder are deleted after its last run, not between
@@ -100,6 +105,7 @@ def run_all(
                     dropped = drop_caches and drop_page_cache()
                     if dropped:
                         warm(str(dataset.path))
+                    _warm_up(send, warmup, dest_root / "warmup" / tool)
                     busy = settle(quiet_max, log)
                     raw = send(dataset.path, dest)
                     raw["sync_after_s"] = timed_sync()
@@ -119,6 +125,15 @@ def run_all(
             for dest in kept:
                 shutil.rmtree(dest, ignore_errors=True)
     return rows
+
+
+def _warm_up(send, path: Path, dest: Path) -> None:
+    dest.mkdir(exist_ok=True)
+    try:
+        if send(path, dest)["rc"] != 0:
+            raise RuntimeError(f"the warm-up send to {dest} failed")
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def settle(quiet_max: float, log, threshold: float = 0.25) -> float:
