@@ -61,7 +61,7 @@ class Channel:
     async def send(self, message) -> None:
         await self.send_raw(self.session.send_message(messages.encode(message)))
 
-    async def send_raw(self, frame: bytes) -> None:
+    async def send_raw(self, frame) -> None:
         """A record already sealed by `session.send_message` (in a worker).
         A peer that stops reading gets the same idle deadline as one that
         stops sending."""

@@ -40,11 +40,12 @@ def _check(nonce: bytes, key: bytes) -> None:
 
 
 def seal_into(out, offset: int, plaintext, nonce: bytes, key: bytes) -> None:
-    """Write the ciphertext of `plaintext` and its tag into `out` at `offset`
-    (len(plaintext) + TAG_LEN bytes)."""
+    """Write the ciphertext of `plaintext` and its tag into `out` at `offset`:
+    exactly the rest of `out`, so that no byte of an output_buffer is left
+    as it was."""
     _check(nonce, key)
-    if len(out) - offset < len(plaintext) + TAG_LEN:
-        raise ValueError("output buffer too small")
+    if len(out) - offset != len(plaintext) + TAG_LEN:
+        raise ValueError("the output buffer's rest must be exactly the plaintext and the tag")
     target = ffi.from_buffer(out, require_writable=True) + offset
     if sodium.crypto_aead_aegis256_encrypt(
         target, ffi.NULL, ffi.from_buffer(plaintext), len(plaintext), ffi.NULL, 0, ffi.NULL, nonce, key
@@ -53,11 +54,12 @@ def seal_into(out, offset: int, plaintext, nonce: bytes, key: bytes) -> None:
 
 
 def open_into(out, ciphertext, nonce: bytes, key: bytes) -> bool:
-    """Decrypt `ciphertext` (with its tag) into `out`, which must hold
-    len(ciphertext) - TAG_LEN bytes; False if it does not authenticate."""
+    """Decrypt `ciphertext` (with its tag) into `out`, which must be exactly
+    len(ciphertext) - TAG_LEN bytes (as for seal_into); False if it does
+    not authenticate."""
     _check(nonce, key)
-    if len(ciphertext) < TAG_LEN or len(out) < len(ciphertext) - TAG_LEN:
-        raise ValueError("ciphertext too short or output buffer too small")
+    if len(ciphertext) < TAG_LEN or len(out) != len(ciphertext) - TAG_LEN:
+        raise ValueError("ciphertext too short, or the output buffer not exactly the plaintext's length")
     return sodium.crypto_aead_aegis256_decrypt(
         ffi.from_buffer(out, require_writable=True), ffi.NULL, ffi.NULL,
         ffi.from_buffer(ciphertext), len(ciphertext), ffi.NULL, 0, nonce, key,

@@ -223,7 +223,7 @@ class Session:
             raise LocalProtocolError(f"message of {len(record) - 1} bytes exceeds {MAX_RECORD_PLAINTEXT}")
         return self._send.seal_frame(record)
 
-    def close(self, reason: str = "done") -> bytes:
+    def close(self, reason: str = "done") -> memoryview:
         """The authenticated close: without it, EOF reads as truncation."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot close in state {self.state.value}")
