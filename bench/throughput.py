@@ -54,8 +54,8 @@ def record(tool: str, dataset: Dataset, run: int, raw: dict, received: tuple[int
         "files": dataset.files,
         "MiB_s": round(dataset.bytes / MiB / raw["wall_s"], 1),
         "files_s": round(dataset.files / raw["wall_s"], 1),
-        # What the rate would be had the tool, like Dorothy, made its copy
-        # durable before it was done: the flush right after it counted in.
+        # An optimistic bound on the rate had the tool, like Dorothy, made
+        # its copy durable before it was done: one sync after it exited.
         "sync_after_s": sync_after,
         "durable_MiB_s": durable_s and round(dataset.bytes / MiB / durable_s, 1),
         "durable_files_s": durable_s and round(dataset.files / durable_s, 1),
