@@ -13,6 +13,7 @@ import time
 import pytest
 
 from dorothy.cli.localnodes import LocalNode, dorothy, pair, poll
+from dorothy.protocol.manifest import DEFAULT_CHUNK_SIZE as CHUNK
 
 from faultproxy import Faults, FaultProxy, ProxyThread
 
@@ -135,16 +136,16 @@ def test_killed_node_resumes_without_resending_verified_chunks(nodes, tmp_path, 
 
 def test_held_chunks_damaged_while_the_receiver_was_down_are_fetched_again(nodes, tmp_path):
     alpha, bravo = nodes
-    size = 24 * MiB
+    size = 6 * CHUNK
     source = tmp_path / "image.dd"
     source.write_bytes(os.urandom(size))
-    with sending_over_slow_link(alpha, bravo, source, 8 * MiB) as (_, transfer_id):
-        poll(lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 4 * MiB, what="4 MiB durable at the receiver")
+    with sending_over_slow_link(alpha, bravo, source, 2 * CHUNK) as (_, transfer_id):
+        poll(lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 2 * CHUNK, what="2 chunks durable at the receiver")
         bravo.kill()
-        # Chunks 0 and 2 are held (durable and recorded); flip a byte in each.
+        # Chunks 0 and 1 are held (durable and recorded); flip a byte in each.
         partial = bravo.home / "partial" / transfer_id / "0"
         with open(partial, "r+b") as f:
-            for offset in (100, 2 * MiB + 7):
+            for offset in (100, CHUNK + 7):
                 f.seek(offset)
                 byte = f.read(1)
                 f.seek(offset)
