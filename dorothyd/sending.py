@@ -5,8 +5,8 @@ what we sent.
 
 Reading, hashing, compressing and sealing a chunk happen in a worker thread
 while the previous chunk is on the wire; the channel between them holds at
-most window() sealed records, which is what bounds memory, whatever the
-size of the files.
+most WINDOW sealed records, which is what bounds memory, whatever the size
+of the files.
 """
 
 import trio
@@ -28,17 +28,8 @@ from .node import Node, Running
 from .sources import SourceReader
 
 # Sealed records queued between the worker and the socket: enough to keep
-# both busy, few enough that memory stays flat: WINDOW_RECORDS, or as many
-# chunks as WINDOW_BYTES holds, but at least 2. With 4 MiB chunks a window
-# of 4 had taken the sender's peak RSS to 61-62 MiB (the daemon is held to
-# 64), a window of 3 to 57, both about 8% faster than 2 MiB chunks.
-WINDOW_RECORDS = 4
-WINDOW_BYTES = 12 << 20
-
-
-def window(chunk_size: int) -> int:
-    return max(2, min(WINDOW_RECORDS, WINDOW_BYTES // chunk_size))
-
+# both busy, few enough that memory stays a few MiB per transfer.
+WINDOW = 4
 # Bytes sent and fresh file hashes go to the state db together, in one
 # transaction, once a second or per SAVE_FILES hashes, whichever comes
 # first (and before `done`). They only spare work after a restart (an
@@ -110,7 +101,7 @@ class Outgoing:
         # The one buffer chunk records are built in, by one worker thread at
         # a time (_prepare and _whole_files never overlap for a transfer).
         self._record = bytearray(len(DATA_RECORD) + messages.MAX_CHUNK_HEADER + self.manifest.chunk_size)
-        send_side, receive_side = trio.open_memory_channel(window(self.manifest.chunk_size))
+        send_side, receive_side = trio.open_memory_channel(WINDOW)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._produce, send_side)
@@ -269,8 +260,7 @@ def _link_is_behind(out: trio.MemorySendChannel) -> bool:
     CPU holds the transfer back. On a fast link, zstd costs more time than
     the bytes it saves (loopback, log text: ~3 ms of CPU per MiB to save
     well under 1 ms of sending); on a slow one it multiplies throughput."""
-    stats = out.statistics()
-    return 2 * stats.current_buffer_used >= stats.max_buffer_size
+    return out.statistics().current_buffer_used >= WINDOW // 2
 
 
 def _held_bytes(manifest, have: Bitmap) -> int:

@@ -1,6 +1,6 @@
 """Process-wide allocator tuning for the daemon.
 
-Chunks are 64 KiB to 4 MiB (4 MiB by default); glibc serves allocations above its mmap threshold
+Chunks are 64 KiB to 4 MiB (2 MiB by default); glibc serves allocations above its mmap threshold
 (128 KiB by default) with a fresh mmap and returns them with munmap, so each
 chunk buffer page-faults all over again. Raising the thresholds keeps those
 buffers in the heap and reused: pynacl's AEGIS-256 on 1 MiB went from 572

@@ -16,11 +16,11 @@ from .errors import RemoteProtocolError
 from .paths import MAX_PATH_BYTES, check_collisions, quoted, validate_path
 
 MANIFEST_VERSION = 1
-# 4 MiB chunks, the largest allowed: per-chunk overhead (a message header,
-# an AEAD call, thread hops and wake-ups on both nodes) is small against
-# hashing and copying them, and a window of them still keeps memory flat
-# (SPEC.md 4.2 has the measurements).
-DEFAULT_CHUNK_SIZE = 1 << 22
+# 2 MiB chunks: large enough that per-chunk overhead (a message header, an
+# AEAD call, thread hops and wake-ups on both nodes) is small against
+# hashing and copying it, and small enough that a window of them keeps
+# memory flat (SPEC.md 4.2 has the measurements).
+DEFAULT_CHUNK_SIZE = 1 << 21
 MIN_CHUNK_SIZE = 1 << 16
 MAX_CHUNK_SIZE = 1 << 22
 # Bounds for one transfer: the file list must fit one frame, and the have-map

@@ -48,7 +48,7 @@ MAX_CLOSE_REASON = 1024  # bytes of UTF-8
 TAG_LEN = aegis.TAG_LEN
 NONCE_LEN = aegis.NONCE_LEN
 # Both sides replace their key after this many records in one direction. At
-# 4 MiB per record that is every 256 GiB: far below any nonce or key-usage
+# 2 MiB per record that is every 128 GiB: far below any nonce or key-usage
 # limit of AEGIS-256 (whose 256-bit nonces never wrap here), so a key in
 # memory protects a bounded amount of data.
 REKEY_INTERVAL = 1 << 16

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from dorothy.dorothyd import audit, outbox, queueing, receiving, sending, sources
+from dorothy.dorothyd import audit, outbox, queueing, receiving, sources
 from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import cancel_transfer, queue_transfer
@@ -661,18 +661,3 @@ async def test_queueing_and_offering_100000_files_does_not_stall_the_event_loop(
     assert "evidence-000000.bin': cannot open" in repr(errors[0])  # the sender got as far as reading
     assert receiver.store.get(transfer_id) is not None  # after the receiver accepted the offer
     assert steps.longest < 0.3, f"event loop blocked for {steps.longest:.2f} s in one step"
-
-
-@pytest.mark.parametrize("chunk_size, records", [(1 << 16, 4), (1 << 21, 4), (1 << 22, 3)])
-async def test_the_window_holds_at_most_12_mib_and_compression_waits_for_half_of_it(chunk_size, records):
-    # Sealed records queued for the socket bound the sender's memory; and
-    # chunks are compressed only while at least half the window waits: a
-    # threshold of one record of three had compressed log text on loopback
-    # for 10% more CPU and 12% less speed.
-    assert sending.window(chunk_size) == records
-    send_side, _receive_side = trio.open_memory_channel(records)
-    behind = []
-    for _ in range(records):
-        behind.append(sending._link_is_behind(send_side))
-        send_side.send_nowait(b"sealed record")
-    assert behind.index(True) == (records + 1) // 2
