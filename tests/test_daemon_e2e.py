@@ -136,10 +136,10 @@ def test_killed_node_resumes_without_resending_verified_chunks(nodes, tmp_path, 
 
 def test_held_chunks_damaged_while_the_receiver_was_down_are_fetched_again(nodes, tmp_path):
     alpha, bravo = nodes
-    size = 6 * CHUNK
+    size = 12 * CHUNK
     source = tmp_path / "image.dd"
     source.write_bytes(os.urandom(size))
-    with sending_over_slow_link(alpha, bravo, source, 2 * CHUNK) as (_, transfer_id):
+    with sending_over_slow_link(alpha, bravo, source, 4 * CHUNK) as (_, transfer_id):
         poll(lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 2 * CHUNK, what="2 chunks durable at the receiver")
         bravo.kill()
         # Chunks 0 and 1 are held (durable and recorded); flip a byte in each.
