@@ -66,7 +66,30 @@ class Channel:
         A peer that stops reading gets the same idle deadline as one that
         stops sending."""
         with trio.fail_after(self.idle_timeout):
-            await self.stream.send_all(frame)
+            if self._socket is None:  # a stream of another kind (tests)
+                await self.stream.send_all(frame)
+            else:
+                await self._send_to_socket(memoryview(frame))
+
+    async def _send_to_socket(self, frame: memoryview) -> None:
+        """trio's send_all passes through the scheduler after every send
+        call that the kernel accepted, and loopback takes a 2 MiB record in
+        about 9 pieces: a sending daemon spent 44% of its event loop's CPU
+        in Python (perf). Here the record is written while the kernel takes
+        bytes, and the task sleeps only when it takes none. (write(2) on a
+        connected socket is send(2) without flags; trio's socket object has
+        no send that does not yield.) 1 GiB of random data, 6 alternating
+        runs: 335 -> 368 MiB/s median, 4.36 -> 4.15 CPU seconds."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        fd, sent = self._socket.fileno(), 0
+        while sent < len(frame):
+            try:
+                sent += os.write(fd, frame[sent:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._socket)
+            except OSError as exc:  # as trio's SocketStream reports it
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self):
         """The next transfer message; raises ChannelClosed on a clean close."""

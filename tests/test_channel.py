@@ -1,6 +1,8 @@
 """dorothyd/channel.py over real loopback TCP, where the receive low-water
 mark (SO_RCVLOWAT) is in play: a receive that finds nothing waits for the
-rest of the record it is reading, and never for bytes beyond it."""
+rest of the record it is reading, and never for bytes beyond it. And where
+the kernel takes a record in pieces: sends write what it takes and wait
+for room, within the idle deadline."""
 
 import os
 import socket
@@ -119,3 +121,60 @@ async def test_a_peer_that_closes_in_the_middle_of_a_record_ends_the_receive(mak
             await trio.testing.wait_all_tasks_blocked()
             await alpha.stream.aclose()
     await bravo.close()
+
+
+def small_send_buffer(channel) -> None:
+    """A send buffer far smaller than a record, fixed (no autotuning). (Not
+    the receive buffer: fixed that small, a receive waiting for its
+    low-water mark was never woken.)"""
+    channel.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+async def test_a_record_larger_than_the_kernel_takes_at_once_arrives_whole(make_node):
+    # The sender writes the record in pieces, and sleeps while the kernel
+    # takes none: the receiver starts reading only once it does.
+    alpha, bravo = await connected(make_node)
+    small_send_buffer(alpha)
+    message = chunk(4 << 20)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(alpha.send, message)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await bravo.receive() == message
+    await alpha.close()
+    await bravo.close()
+
+
+async def test_a_peer_that_stops_reading_is_dropped_after_the_idle_deadline(make_node, mock_clock):
+    alpha, bravo = await connected(make_node, idle_timeout=1.0)
+    small_send_buffer(alpha)
+    outcome = []
+
+    async def send():
+        try:
+            await alpha.send(chunk(4 << 20))
+        except trio.TooSlowError:
+            outcome.append("dropped")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        mock_clock.jump(0.2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == ["dropped"]
+        nursery.cancel_scope.cancel()  # (were it still waiting)
+    await trio.aclose_forcefully(alpha.stream)
+    await bravo.close()
+
+
+async def test_a_send_to_a_peer_that_has_gone_fails_as_a_broken_connection(make_node):
+    # What callers catch (trio.BrokenResourceError), not a bare OSError.
+    alpha, bravo = await connected(make_node)
+    await trio.aclose_forcefully(bravo.stream)
+    with trio.fail_after(DEADLINE), pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first sends may still be taken before the reset
+            await alpha.send(chunk(1 << 20))
+    await trio.aclose_forcefully(alpha.stream)
