@@ -3,7 +3,9 @@ with scp and rsync on this machine. See bench/README.md."""
 
 import argparse
 import contextlib
+import errno
 import json
+import shutil
 import signal
 import sys
 import time
@@ -94,6 +96,28 @@ def prepare_data(args, data_dir: Path) -> dict:
         big = 16 * MiB if args.quick else int(args.memory_gib * 1024) * MiB
         sets["memory"] = throughput.Dataset("memory", data.random_file(data_dir, big, log), big, 1)
     return sets
+
+
+def space_needed(args, sets: dict) -> int:
+    """Bytes the runs write under WORK at their peak: every copy of the
+    folder stays until its last run (see bench/README.md), any other copy
+    only until the next run. Files of 1-64 KiB take a sixth more on disk
+    than their bytes, in whole blocks; the nodes' homes and logs are the
+    margin."""
+    peak = max((d.bytes for name, d in sets.items() if name != "small"), default=0)
+    if "small" in sets and "small" in args.only:
+        peak = max(peak, args.runs * len(args.peers) * sets["small"].bytes * 7 // 6)
+    return peak + 256 * MiB
+
+
+def check_space(args, sets: dict, work: Path) -> None:
+    needed, free = space_needed(args, sets), shutil.disk_usage(work).free
+    if free < needed:
+        raise SystemExit(
+            f"not enough free space under {work}: the runs need about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB is free. Free some, or give --work a larger file system "
+            f"(or fewer --runs, --peers or --small-files)."
+        )
 
 
 def run_throughput(args, sets: dict, sshd, work: Path, stack: contextlib.ExitStack) -> dict:
@@ -211,6 +235,7 @@ def main(argv=None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             sets = prepare_data(args, work / "data")
+            check_space(args, sets, work)
             if "micro" in args.only:
                 log("\nsingle-core limits ...")
                 results["micro"] = micro.run(args.micro_seconds)
@@ -228,6 +253,11 @@ def main(argv=None) -> int:
             elif "memory" in args.only:
                 log("\nmemory check: off (use --memory-gib 4)")
         failed = False
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        results["notes"].append(f"the file system under {work} filled up: {exc}")
+        log(f"\nrun stopped: the file system under {work} is full ({exc.filename})")
     finally:
         if sshd:
             sshd.stop()
@@ -241,7 +271,7 @@ def main(argv=None) -> int:
             log(f"run failed; what was measured is in {out}")
     print_report(results)
     log(f"\nwrote {out} ({results['elapsed_s']:.0f} s)")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
