@@ -64,14 +64,15 @@ class Channel:
     async def send_raw(self, frame) -> None:
         """A record already sealed by `session.send_message` (in a worker).
         A peer that stops reading gets the same idle deadline as one that
-        stops sending."""
-        with trio.fail_after(self.idle_timeout):
+        stops sending: on a socket, the deadline runs from the last bytes
+        the kernel took, so a slow reader is slow, not idle."""
+        with trio.fail_after(self.idle_timeout) as idle:
             if self._socket is None:  # a stream of another kind (tests)
                 await self.stream.send_all(frame)
             else:
-                await self._send_to_socket(memoryview(frame))
+                await self._send_to_socket(memoryview(frame), idle)
 
-    async def _send_to_socket(self, frame: memoryview) -> None:
+    async def _send_to_socket(self, frame: memoryview, idle: trio.CancelScope) -> None:
         """trio's send_all passes through the scheduler after every send
         call that the kernel accepted, and loopback takes a 2 MiB record in
         about 9 pieces: a sending daemon spent 44% of its event loop's CPU
@@ -81,14 +82,21 @@ class Channel:
         no send that does not yield.) 1 GiB of random data, 6 alternating
         runs: 335 -> 368 MiB/s median, 4.36 -> 4.15 CPU seconds."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        fd, sent = self._socket.fileno(), 0
+        sent = 0
         while sent < len(frame):
+            # Asked again each time: after a close by another task while we
+            # waited, the number may already name a file opened since.
+            fd = self._socket.fileno()
+            if fd == -1:
+                raise trio.ClosedResourceError("the connection was closed while a record was being sent")
             try:
                 sent += os.write(fd, frame[sent:])
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._socket)
-            except OSError as exc:  # as trio's SocketStream reports it
+                continue
+            except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            idle.deadline = trio.current_time() + self.idle_timeout
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self):

@@ -17,7 +17,7 @@ from dorothy.protocol.errors import RemoteProtocolError
 
 DEADLINE = 10.0  # seconds; a receive waiting for bytes never sent fails here
 
-pytestmark = pytest.mark.skipif(not LOW_WATER_SUPPORTED, reason="the low-water mark is set on Linux only")
+low_water = pytest.mark.skipif(not LOW_WATER_SUPPORTED, reason="the low-water mark is set on Linux only")
 
 
 async def connected(make_node, idle_timeout: float = DEADLINE):
@@ -43,6 +43,7 @@ def chunk(size: int) -> messages.Chunk:
     return messages.Chunk(file=0, index=0, compressed=False, data=os.urandom(size))
 
 
+@low_water
 async def test_records_of_every_size_arrive_while_the_receiver_waits(make_node):
     # Each record is sent only once the receiver sleeps for it: the case
     # where a low-water mark above what the peer sends would never wake it.
@@ -65,6 +66,7 @@ async def _receive_into(channel, received: list) -> None:
     received.append(await channel.receive())
 
 
+@low_water
 async def test_a_receive_sleeps_until_the_rest_of_its_record_is_in(make_node):
     alpha, bravo = await connected(make_node)
     message = chunk(2 << 20)
@@ -88,6 +90,7 @@ async def test_a_receive_sleeps_until_the_rest_of_its_record_is_in(make_node):
     await bravo.close()
 
 
+@low_water
 async def test_a_link_slower_than_the_low_water_mark_is_slow_not_idle(make_node, mock_clock):
     # Bytes keep arriving, each gap shorter than the idle deadline, but a
     # whole low-water mark's worth takes longer: the receive must go on.
@@ -107,6 +110,7 @@ async def test_a_link_slower_than_the_low_water_mark_is_slow_not_idle(make_node,
     await bravo.close()
 
 
+@low_water
 async def test_a_peer_that_closes_in_the_middle_of_a_record_ends_the_receive(make_node):
     alpha, bravo = await connected(make_node)
     frame = alpha.session.send_message(messages.encode(chunk(2 << 20)))
@@ -127,7 +131,7 @@ def small_send_buffer(channel) -> None:
     """A send buffer far smaller than a record, fixed (no autotuning). (Not
     the receive buffer: fixed that small, a receive waiting for its
     low-water mark was never woken.)"""
-    channel.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    channel.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
 
 
 async def test_a_record_larger_than_the_kernel_takes_at_once_arrives_whole(make_node):
@@ -170,8 +174,45 @@ async def test_a_peer_that_stops_reading_is_dropped_after_the_idle_deadline(make
     await bravo.close()
 
 
+async def test_a_slow_reader_is_slow_not_idle(make_node, mock_clock):
+    # The reader takes 16 KiB every 0.05 s (mock clock): the record takes
+    # longer than the idle deadline to go out, and must go all the same.
+    # The reader's buffer is fixed, so what the sender wrote before a read
+    # is at most a few reads' worth: each read soon lets the sender on.
+    alpha, bravo = await connected(make_node, idle_timeout=1.0)
+    small_send_buffer(alpha)
+    bravo.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    frame = alpha.session.send_message(messages.encode(chunk(512 << 10)))
+    sent = []
+
+    async def send():
+        await alpha.send_raw(frame)
+        sent.append(True)
+
+    received = 0
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while received < len(frame):
+                await trio.testing.wait_all_tasks_blocked()
+                mock_clock.jump(0.05)
+                received += len(await bravo.stream.receive_some(16 << 10))
+    assert sent == [True] and received == len(frame)
+    assert trio.current_time() > 1.5  # slower than the deadline indeed
+    await trio.aclose_forcefully(alpha.stream)
+    await trio.aclose_forcefully(bravo.stream)
+
+
+async def test_a_send_on_a_connection_closed_here_says_so(make_node):
+    alpha, bravo = await connected(make_node)
+    await trio.aclose_forcefully(alpha.stream)
+    with pytest.raises(trio.ClosedResourceError):
+        await alpha.send(chunk(1 << 10))
+    await trio.aclose_forcefully(bravo.stream)
+
+
 async def test_a_send_to_a_peer_that_has_gone_fails_as_a_broken_connection(make_node):
-    # What callers catch (trio.BrokenResourceError), not a bare OSError.
+    # trio's error for a connection that broke, as trio's own streams raise it.
     alpha, bravo = await connected(make_node)
     await trio.aclose_forcefully(bravo.stream)
     with trio.fail_after(DEADLINE), pytest.raises(trio.BrokenResourceError):
