@@ -221,6 +221,7 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
             sender_read = io_counters(alpha_pid).get("rchar", 0) - sender_read_at_kill
             received = nodes.inbox(transfer_id) / path.name
             ok = resumed["state"] == "done" and received.exists() and received.stat().st_size == size
+    reverified = _reverified(nodes.bravo, transfer_id)
     result = {
         "ok": ok,
         "size": size,
@@ -230,10 +231,13 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
         "wall_s": round(finished - started, 2),
         "kill_to_done_s": round(finished - killed_at, 2),
         "kill_to_daemon_ready_s": round(ready_at - killed_at, 2),
-        # what bravo's log says re-verifying its held chunks took (before it
-        # answers the offer); else, seen on the link, from the resumed
-        # connection's first bytes to chunk data flowing
-        "restart_cost_s": _reverify_seconds(nodes.bravo, transfer_id) or resumed["restart_cost_s"],
+        # what bravo's log says re-verifying its held chunks read and took
+        # (before it answers the offer); else, seen on the link, from the
+        # resumed connection's first bytes to chunk data flowing
+        "reverified_bytes": reverified and reverified[0],
+        "restart_cost_s": (reverified and reverified[1]) or resumed["restart_cost_s"],
+        # everything bravo read from its start until chunk data flowed again:
+        # its held chunks, state db and ledger, and its own Python modules
         "receiver_read_bytes_before_flowing": resumed["receiver_read_bytes"],
         # of which from storage rather than the page cache (/proc/PID/io read_bytes)
         "receiver_disk_read_bytes_before_flowing": resumed["receiver_disk_read_bytes"],
@@ -242,8 +246,8 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
     cost = "nothing was left to send"
     if result["restart_cost_s"] is not None:
         cost = f"restart cost {result['restart_cost_s']}s"
-        if resumed["receiver_read_bytes"] is not None:  # None: done before chunk data was seen flowing
-            cost += f" re-reading {resumed['receiver_read_bytes'] / MiB:.0f} MiB"
+        if reverified:
+            cost += f" re-verifying {reverified[0] / MiB:.0f} MiB"
     log(
         f"  resume after receiver restart: durable {(durable or 0) / MiB:.0f} MiB at kill, {cost}, "
         f"re-sent {result['resent_bytes'] / MiB:.1f} MiB, kill to done {result['kill_to_done_s']}s, ok={ok}"
@@ -251,20 +255,24 @@ def resume_after_restart(work: Path, path: Path, log, deadline: float = 1800.0) 
     return result
 
 
-def _reverify_seconds(node, transfer_id: str) -> float | None:
-    """The last 're-verified ... in S s' that node logged for the transfer."""
-    found = re.findall(rf"transfer {transfer_id}: re-verified .* in ([0-9.]+) s", node.log_path.read_text())
-    return float(found[-1]) if found else None
+def _reverified(node, transfer_id: str) -> tuple[int, float] | None:
+    """(bytes, seconds) of the last 're-verified N held chunks, B bytes, in
+    S s' that node logged for the transfer."""
+    pattern = rf"transfer {transfer_id}: re-verified \d+ held chunks, (\d+) bytes, in ([0-9.]+) s"
+    found = re.findall(pattern, node.log_path.read_text())
+    return (int(found[-1][0]), float(found[-1][1])) if found else None
 
 
 def _watch_resume(nodes: Pair, proxy: FaultProxy, transfer_id: str, remaining: int, deadline: float) -> dict:
     """After bravo's restart, until alpha reports the transfer final: when
     the resumed connection's first bytes pass the proxy, when chunk data
     flows again (half the remainder, at most 1 MiB, more up), and how much
-    bravo read() in between (/proc/PID/io rchar: its held chunks, plus a
-    few KiB of handshake and offer; read_bytes: what came from storage)."""
+    bravo had read() by then (/proc/PID/io rchar; read_bytes: what came
+    from storage). Counted from bravo's start, not from its readiness: the
+    sender may reconnect, and bravo start re-reading, before a first
+    sample here (one run's count had missed 48 MiB that way)."""
     pid = nodes.bravo.process.pid
-    up_at_ready, read_at_ready = proxy.up.passed, io_counters(pid)
+    up_at_ready = proxy.up.passed
     threshold = up_at_ready + max(1, min(MiB, remaining // 2))
     first_bytes = flowing = None
     end = time.perf_counter() + deadline
@@ -286,13 +294,9 @@ def _watch_resume(nodes: Pair, proxy: FaultProxy, transfer_id: str, remaining: i
     return {
         "state": transfer["state"],
         "restart_cost_s": round(flowing - first_bytes, 2) if flowing and first_bytes else None,
-        "receiver_read_bytes": _delta(read_at_ready, read_at_flowing, "rchar") if flowing else None,
-        "receiver_disk_read_bytes": _delta(read_at_ready, read_at_flowing, "read_bytes") if flowing else None,
+        "receiver_read_bytes": read_at_flowing.get("rchar") if flowing else None,
+        "receiver_disk_read_bytes": read_at_flowing.get("read_bytes") if flowing else None,
     }
-
-
-def _delta(before: dict, after: dict, key: str) -> int | None:
-    return after[key] - before[key] if key in before and key in after else None
 
 
 def rate_limited(work: Path, path: Path, mbit: float, delay_ms: float, log) -> dict:

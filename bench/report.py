@@ -72,11 +72,14 @@ def resume(results: dict) -> str:
         durable = restart["durable_at_kill"]
         cost = "nothing left to send after the restart"
         if restart["restart_cost_s"] is not None:
-            reread = restart["receiver_read_bytes_before_flowing"]
+            checked = restart.get("reverified_bytes")
+            read = restart["receiver_read_bytes_before_flowing"]
             disk = restart.get("receiver_disk_read_bytes_before_flowing")
             cost = f"restart cost {restart['restart_cost_s']}s"
-            cost += f" re-reading {reread / MiB:.0f} MiB" if reread is not None else ""
-            cost += f", {disk / MiB:.0f} MiB of it from disk" if disk is not None else ""
+            cost += f" re-verifying {checked / MiB:.0f} MiB" if checked else ""
+            if read is not None:
+                cost += f" (read since start {read / MiB:.0f} MiB"
+                cost += f", {disk / MiB:.0f} MiB from disk)" if disk is not None else ")"
         rows.append([
             "dorothy: receiver SIGKILL + restart", _num(restart["wall_s"], "{:.2f}"),
             _num(restart["resent_bytes"] / MiB, "{:.2f}"),
