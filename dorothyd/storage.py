@@ -28,7 +28,8 @@ from .hashing import FileHasher
 # At most this many partial files stay open; the rest are reopened on demand.
 MAX_OPEN_FILES = 128
 # Past this many dirty files, one syncfs() is cheaper than an fsync each (a
-# folder of 10,000 small files would otherwise pay 10,000 fsyncs).
+# folder of 10,000 small files would otherwise pay 10,000 fsyncs); so it is
+# past this many directories at publication.
 SYNCFS_THRESHOLD = 8
 # Whole chunks are written with O_DIRECT where the filesystem allows it. On
 # this kind of machine buffered writes of a large file are throttled by
@@ -50,6 +51,14 @@ def _syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _sync_filesystem_of(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -340,22 +349,30 @@ class PartialFiles:
         for index, path in enumerate(paths):
             *parents, name = path.split("/")
             by_directory.setdefault(tuple(parents), []).append((index, name))
+        # Each directory fsync is a journal commit of its own: a folder of
+        # 100 directories paid 206 of them, 0.1-0.16 s of its publication.
+        # Past a few directories, one syncfs at the end makes them all durable.
+        sync_each = len(by_directory) <= SYNCFS_THRESHOLD
         source_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for parents, entries in by_directory.items():
-                target_fd = _open_dirs(staging, list(parents))
+                target_fd = _open_dirs(staging, list(parents), sync_each)
                 try:
                     for index, name in entries:
                         try:
                             os.rename(str(index), name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
                         except FileNotFoundError:
                             os.stat(name, dir_fd=target_fd, follow_symlinks=False)  # moved before a crash
-                    os.fsync(target_fd)
+                    if sync_each:
+                        os.fsync(target_fd)
                 finally:
                     os.close(target_fd)
         finally:
             os.close(source_fd)
-        fsync_dir(staging)
+        if sync_each:
+            fsync_dir(staging)
+        else:
+            _sync_filesystem_of(staging)
         os.rename(staging, final)
         fsync_dir(inbox_peer_dir)
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -386,14 +403,17 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _open_dirs(root: Path, parts: list[str]) -> int:
-    """Create and open root/parts... without following symlinks; new
-    directories' entries are fsync'd (by the caller's fsync of each fd)."""
+def _open_dirs(root: Path, parts: list[str], sync_each: bool) -> int:
+    """Create and open root/parts... without following symlinks. With
+    `sync_each`, each new directory's entry is fsync'd at once (and its own
+    entries by the caller's fsync of the returned fd); without, the caller
+    syncs the whole filesystem once it is done."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     for part in parts:
         try:
             os.mkdir(part, 0o700, dir_fd=fd)
-            os.fsync(fd)
+            if sync_each:
+                os.fsync(fd)
         except FileExistsError:
             pass
         try:

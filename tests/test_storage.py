@@ -62,6 +62,48 @@ def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
     assert len(os.listdir("/proc/self/fd")) == before  # and no duplicate left open
 
 
+@pytest.mark.parametrize("directories", [2, 20], ids=["fsync-each", "syncfs"])
+def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, monkeypatch, directories):
+    # The inbox name must not survive a power cut that loses a file inside
+    # it: each directory fsync'd, or (past a few) the filesystem synced once,
+    # after the last file was moved and before the staging directory's rename.
+    paths = [f"case/d{i % directories:02d}/f{i}" for i in range(2 * directories)]
+    partial = PartialFiles(tmp_path / "partial", "t", [CHUNK] * len(paths))
+    for index in range(len(paths)):
+        write(partial, index, 0, os.urandom(CHUNK))
+    partial.flush()
+    events = []
+    real_rename, real_fsync, real_syncfs = os.rename, os.fsync, storage._syncfs
+
+    def rename(src, dst, **dir_fds):
+        events.append(("rename", os.fspath(dst)))
+        real_rename(src, dst, **dir_fds)
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def syncfs(fd):
+        events.append(("syncfs", None))
+        real_syncfs(fd)
+
+    monkeypatch.setattr(storage.os, "rename", rename)
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage, "_syncfs", syncfs)
+    final = partial.move_into(tmp_path / "inbox" / "alpha", "t", paths)
+    appeared = events.index(("rename", os.fspath(final)))
+    last_file_moved = max(i for i, (kind, name) in enumerate(events) if kind == "rename" and name.startswith("f"))
+    between = events[last_file_moved:appeared]
+    staging = os.fspath(tmp_path / "inbox" / "alpha" / ".t.incoming")
+    if directories > storage.SYNCFS_THRESHOLD:
+        assert ("syncfs", None) in between
+    else:
+        touched = {staging, f"{staging}/case"} | {f"{staging}/case/d{i:02d}" for i in range(directories)}
+        assert touched <= {name for kind, name in events[:appeared] if kind == "fsync"}
+        assert ("fsync", staging) in between
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("f*")) == sorted(paths)
+
+
 def test_a_failed_disk_write_fails_its_batch(tmp_path, monkeypatch):
     # Large chunks are written in a thread of their own (O_DIRECT, beside
     # the hashing): its error must reach the caller, not stay in that thread.
