@@ -69,6 +69,7 @@ async def queue_transfer(node: Node, peer_name: str, paths: list[str]) -> str:
             now=iso_now(),
         )
     log.info("queued transfer %s to %s: %d files, %d bytes", tid, peer.name, len(sources), manifest.total_bytes)
+    node.just_queued = (tid, manifest, digest)
     node.wake_outbox()
     return tid
 

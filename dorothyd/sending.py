@@ -58,11 +58,16 @@ class TransferAborted(Exception):
         self.aborted = aborted
 
 
-async def _sender_machine(row, peer: Peer) -> SenderMachine:
-    """The machine for our own stored manifest, checked again as the
-    receiver will check it: in a worker thread, since 100,000 names take a
-    third of a second, time in which the event loop would serve no one."""
-    manifest, manifest_hash = await trio.to_thread.run_sync(open_manifest, row["manifest"])
+async def _sender_machine(node: Node, row, peer: Peer) -> SenderMachine:
+    """The machine for our own manifest: the one just signed, if this is the
+    transfer queued last, else the stored one, checked again as the receiver
+    will check it (in a worker thread: 100,000 names take a third of a
+    second, time in which the event loop would serve no one)."""
+    if node.just_queued is not None and node.just_queued[0] == row["id"]:
+        _, manifest, manifest_hash = node.just_queued
+        node.just_queued = None
+    else:
+        manifest, manifest_hash = await trio.to_thread.run_sync(open_manifest, row["manifest"])
     return SenderMachine(manifest, row["manifest"], manifest_hash, peer.node_key.sign_public)
 
 
@@ -278,7 +283,7 @@ def _held_bytes(manifest, have: Bitmap) -> int:
 async def deliver(node: Node, row, peer: Peer, running: Running, channel: Channel) -> None:
     """Run one attempt over `channel`; on success the delivery is in the
     ledger and the state db before this returns."""
-    machine = await _sender_machine(row, peer)
+    machine = await _sender_machine(node, row, peer)
     delivered = await Outgoing(node, channel, peer, row, running, machine).run()
     running.ending = True
     await _record_delivery(node, row, peer, delivered)
@@ -291,7 +296,7 @@ async def notify_ended(node: Node, row, peer: Peer, channel: Channel) -> None:
     in-band on the attempt that ended: a cancelled send can leave half a
     record on the wire, and records sealed but never sent leave the
     record counter behind.)"""
-    machine = await _sender_machine(row, peer)
+    machine = await _sender_machine(node, row, peer)
     await channel.send(machine.offer())
     reply = machine.receive(await channel.receive())
     if isinstance(reply, Delivered):

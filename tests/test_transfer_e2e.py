@@ -159,6 +159,17 @@ async def test_transfer_completes_in_one_connection(make_node, tmp_path):
     assert chunk_frames(sent_s) == 3 + 1 + 2  # every chunk of the two random files exactly once
 
 
+async def test_transfers_queued_one_after_another_each_offer_their_own_manifest(make_node, tmp_path):
+    # The node keeps the manifest it signed last for that transfer's first
+    # delivery; the one queued before it must be read from the state db.
+    sender, receiver, first_files, first = await setup_pair(make_node, tmp_path)
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "note.txt").write_bytes(b"queued second, delivered second")
+    second = await queue_transfer(sender, "bravo", [str(tmp_path / "later" / "note.txt")])
+    await delivered_by_a_clean_attempt(sender, receiver, first_files, first)
+    await delivered_by_a_clean_attempt(sender, receiver, {"note.txt": b"queued second, delivered second"}, second)
+
+
 @pytest.mark.parametrize(
     "files",
     [{"case/empty": b""}, {"case/a.bin": bytes(8 * CHUNK), "case/z-empty": b""}],
