@@ -181,21 +181,21 @@ class Outgoing:
 
     def _whole_files(self, batch: list, compress: bool) -> list[bytes]:
         """Worker thread: files of at most one chunk, each opened, read,
-        re-checked, and its chunk and file_done records sealed in wire order
-        (record nonces must follow the order records are sent), joined into
-        units of about SEND_UNIT bytes."""
+        re-checked, and sealed in wire order (record nonces must follow the
+        order records are sent): its chunk, carrying the file's SHA-256, or
+        a file_done alone when there is no chunk to send. The records are
+        joined into units of about SEND_UNIT bytes."""
         units, unit, unit_bytes = [], [], 0
         for index, row, hasher, needed in batch:
             reader = SourceReader(row.source, row.size, row.mtime_ns, row.path)
             try:
-                chunk = self._prepare(reader, hasher, index, 0, needed, compress) if row.size else None
+                chunk = self._prepare(reader, hasher, index, 0, needed, compress, whole_file=True) if row.size else None
                 reader.check()
             finally:
                 reader.close()
-            done = self._seal(messages.FileDone(file=index, sha256=hasher.digest()))
-            for frame in (chunk, done) if chunk is not None else (done,):
-                unit.append(frame)
-                unit_bytes += len(frame)
+            frame = chunk if chunk is not None else self._seal(messages.FileDone(file=index, sha256=hasher.digest()))
+            unit.append(frame)
+            unit_bytes += len(frame)
             if unit_bytes >= SEND_UNIT:
                 units.append(b"".join(unit))
                 unit, unit_bytes = [], 0
@@ -237,26 +237,35 @@ class Outgoing:
         self._fresh, self._saved_at = {}, trio.current_time()
 
     def _prepare(
-        self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool, compress: bool
+        self, reader: SourceReader, hasher: FileHasher, index: int, chunk: int, needed: bool, compress: bool,
+        whole_file: bool = False,
     ) -> memoryview | None:
         """Worker thread: read, hash, and (if the receiver lacks it) seal one
-        chunk, compressed if `compress` and that makes it smaller. The chunk
-        is read straight into the record buffer, after its message header,
+        chunk, compressed if `compress` and that makes it smaller; a
+        `whole_file` chunk carries the file's SHA-256. The chunk is read
+        straight into the record buffer, after room for its message header,
         and sealed from there into its frame: no copy of its own."""
         offset, length = chunk * self.manifest.chunk_size, self.manifest.chunk_length(index, chunk)
-        header = DATA_RECORD + messages.chunk_header(index, chunk, False, length)
-        record = memoryview(self._record)[: len(header) + length]
-        record[: len(header)] = header
-        data = record[len(header) :]
+        # The header goes in once the digest it may carry is known; its
+        # length does not depend on the digest.
+        placeholder = _NO_DIGEST_YET if whole_file else None
+        header_length = len(DATA_RECORD) + len(messages.chunk_header(index, chunk, False, length, placeholder))
+        record = memoryview(self._record)[: header_length + length]
+        data = record[header_length:]
         reader.read_into(offset, data)
         hasher.feed(offset, data)
         if not needed:
             return None
+        sha256 = hasher.digest() if whole_file else None
         if compress:
             compressed, payload = compress_if_smaller(data)
             if compressed:
-                return self._seal(messages.Chunk(file=index, index=chunk, compressed=True, data=payload))
+                return self._seal(messages.Chunk(file=index, index=chunk, compressed=True, data=payload, sha256=sha256))
+        record[:header_length] = DATA_RECORD + messages.chunk_header(index, chunk, False, length, sha256)
         return self.channel.session.send_record(record)
+
+
+_NO_DIGEST_YET = bytes(32)
 
 
 def _link_is_behind(out: trio.MemorySendChannel) -> bool:

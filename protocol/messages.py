@@ -40,6 +40,10 @@ class Chunk:
     index: int
     compressed: bool
     data: bytes | memoryview  # received: a view of the decrypted record
+    # The whole file's SHA-256, standing for a FileDone after this chunk:
+    # a file of one chunk then travels in one record, not two (10,000 small
+    # files: 6% faster, 11% less CPU on this machine, bench/README.md).
+    sha256: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,7 +85,8 @@ def encode(message) -> bytes:
         case Accept():
             return pack({"t": "accept", "transfer_id": message.transfer_id, "have": message.have})
         case Chunk():
-            return chunk_header(message.file, message.index, message.compressed, len(message.data)) + message.data
+            header = chunk_header(message.file, message.index, message.compressed, len(message.data), message.sha256)
+            return header + message.data
         case FileDone():
             return pack({"t": "file_done", "f": message.file, "sha256": message.sha256})
         case Done():
@@ -96,8 +101,8 @@ def encode(message) -> bytes:
     raise TypeError(f"not a message: {message!r}")
 
 
-# A chunk message is packed as the map {"t": "chunk", "f", "i", "z", "d"}, in
-# this order, with "d" last: its data can then be read into place after a
+# A chunk message is packed as the map {"t": "chunk", "f", "i", "z", ["s",] "d"},
+# in this order, with "d" last: its data can then be read into place after a
 # header built alone (the sender reads a chunk straight into the buffer it
 # seals), and taken from a received record as a view instead of a copy.
 _CHUNK_PREFIX = pack({"t": "chunk"})[1:]  # after the map header
@@ -111,18 +116,30 @@ def _bin_header(length: int) -> bytes:
     return b"\xc6" + length.to_bytes(4, "big")
 
 
-def chunk_header(file: int, index: int, compressed: bool, length: int) -> bytes:
+def chunk_header(file: int, index: int, compressed: bool, length: int, sha256: bytes | None = None) -> bytes:
     """encode(Chunk(...)) up to its data: the header plus `length` bytes of
     data is the whole message."""
+    if sha256 is not None and len(sha256) != 32:
+        raise ValueError("a chunk's sha256 is 32 bytes")
     return b"".join((
-        b"\x85", _CHUNK_PREFIX, b"\xa1f", pack(file), b"\xa1i", pack(index),
-        b"\xa1z", b"\xc3" if compressed else b"\xc2", b"\xa1d", _bin_header(length),
+        b"\x85" if sha256 is None else b"\x86", _CHUNK_PREFIX, b"\xa1f", pack(file), b"\xa1i", pack(index),
+        b"\xa1z", b"\xc3" if compressed else b"\xc2", b"" if sha256 is None else b"\xa1s\xc4\x20" + sha256,
+        b"\xa1d", _bin_header(length),
     ))
 
 
-MAX_CHUNK_HEADER = len(chunk_header(MAX_FILES - 1, MAX_TOTAL_CHUNKS - 1, True, MAX_CHUNK_SIZE))
+MAX_CHUNK_HEADER = len(chunk_header(MAX_FILES - 1, MAX_TOTAL_CHUNKS - 1, True, MAX_CHUNK_SIZE, bytes(32)))
 _UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _BIN_SIZES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_DIGEST = "a bin 8 of exactly 32 bytes"
+# Map header -> the keys chunk_header writes after "t", and how each value is read.
+_CHUNK_LAYOUTS = {
+    b"\x85": ((b"\xa1f", _UINT_SIZES), (b"\xa1i", _UINT_SIZES), (b"\xa1z", None), (b"\xa1d", _BIN_SIZES)),
+    b"\x86": (
+        (b"\xa1f", _UINT_SIZES), (b"\xa1i", _UINT_SIZES), (b"\xa1z", None), (b"\xa1s", _DIGEST),
+        (b"\xa1d", _BIN_SIZES),
+    ),
+}
 
 
 def _chunk_in_place(data) -> Chunk | None:
@@ -133,10 +150,11 @@ def _chunk_in_place(data) -> Chunk | None:
     but with the data as a memoryview instead of bytes."""
     view = memoryview(data)
     start = 1 + len(_CHUNK_PREFIX)
-    if view[:1] != b"\x85" or view[1:start] != _CHUNK_PREFIX:
+    layout = _CHUNK_LAYOUTS.get(view[:1].tobytes())
+    if layout is None or view[1:start] != _CHUNK_PREFIX:
         return None
     fields, position = [], start
-    for key, kind in ((b"\xa1f", _UINT_SIZES), (b"\xa1i", _UINT_SIZES), (b"\xa1z", None), (b"\xa1d", _BIN_SIZES)):
+    for key, kind in layout:
         if view[position : position + 2] != key or len(view) < position + 3:
             return None
         marker, position = view[position + 2], position + 3
@@ -144,6 +162,11 @@ def _chunk_in_place(data) -> Chunk | None:
             if marker not in (0xC2, 0xC3):
                 return None
             fields.append(marker == 0xC3)
+        elif kind is _DIGEST:
+            if marker != 0xC4 or len(view) < position + 33 or view[position] != 32:
+                return None
+            fields.append(bytes(view[position + 1 : position + 33]))
+            position += 33
         elif kind is _UINT_SIZES and marker < 0x80:
             fields.append(marker)
         elif marker in kind:
@@ -152,10 +175,13 @@ def _chunk_in_place(data) -> Chunk | None:
             position += size
         else:
             return None
-    file, index, compressed, length = fields
+    if len(fields) == 4:
+        (file, index, compressed, length), sha256 = fields, None
+    else:
+        file, index, compressed, sha256, length = fields
     if not (file < MAX_FILES and index < MAX_TOTAL_CHUNKS and length <= MAX_CHUNK_SIZE and length == len(view) - position):
         return None
-    return Chunk(file=file, index=index, compressed=compressed, data=view[position:])
+    return Chunk(file=file, index=index, compressed=compressed, data=view[position:], sha256=sha256)
 
 
 def _decode_offer(f: Fields):
@@ -172,6 +198,7 @@ def _decode_chunk(f: Fields):
         index=f.int("i", 0, MAX_TOTAL_CHUNKS - 1),
         compressed=f.bool("z"),
         data=f.bytes("d", max_len=MAX_CHUNK_SIZE),
+        sha256=f.bytes("s", length=32) if "s" in f.map else None,
     )
 
 

@@ -228,6 +228,8 @@ class ReceiverMachine:
         else:
             data = chunk.data
         slot = self._bases[chunk.file] + chunk.index
+        if chunk.sha256 is not None:
+            self._sender_sha256[chunk.file] = chunk.sha256  # as a file_done after this chunk
         if slot in self.have or slot in self._pending:
             return None  # a resend of what we hold already: harmless, nothing to do
         self._pending.add(slot)

@@ -579,8 +579,8 @@ async def hostile_receiver(env, forge, *, before_accept: bool, task_status=trio.
         if not before_accept:
             await channel.send(messages.Accept(transfer_id=manifest.transfer_id, have=bytes(-(-manifest.total_chunks // 8))))
             while not isinstance(message := await channel.receive(), messages.Done):
-                if isinstance(message, messages.FileDone):
-                    hashes[message.file] = message.sha256
+                if isinstance(message, messages.FileDone) or getattr(message, "sha256", None) is not None:
+                    hashes[message.file] = message.sha256  # a file_done, or a one-chunk file's chunk
         checkpoint = await env.mallory.checkpoint()
         await channel.send(messages.Receipt(receipt=forge(manifest, manifest_hash, hashes), checkpoint=checkpoint))
         with trio.fail_after(DEADLINE):

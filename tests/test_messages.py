@@ -42,7 +42,10 @@ file_index = st.integers(0, MAX_FILES - 1)
 message_values = st.one_of(
     st.builds(Offer, manifest=small_bytes),
     st.builds(Accept, transfer_id=st.binary(min_size=TRANSFER_ID_LEN, max_size=TRANSFER_ID_LEN), have=small_bytes),
-    st.builds(Chunk, file=file_index, index=st.integers(0, MAX_TOTAL_CHUNKS - 1), compressed=st.booleans(), data=small_bytes),
+    st.builds(
+        Chunk, file=file_index, index=st.integers(0, MAX_TOTAL_CHUNKS - 1), compressed=st.booleans(), data=small_bytes,
+        sha256=st.none() | st.binary(min_size=32, max_size=32),
+    ),
     st.builds(FileDone, file=file_index, sha256=st.binary(min_size=32, max_size=32)),
     st.just(Done()),
     st.builds(Receipt, receipt=small_bytes, checkpoint=st.text(max_size=100)),
@@ -68,7 +71,7 @@ def test_largest_legal_messages_round_trip_and_fit_one_session_record():
     largest = [
         Offer(manifest=bytes(MAX_MANIFEST_BYTES)),
         Accept(transfer_id=bytes(TRANSFER_ID_LEN), have=bytes(MAX_HAVE_BYTES)),
-        Chunk(file=MAX_FILES - 1, index=MAX_TOTAL_CHUNKS - 1, compressed=True, data=bytes(MAX_CHUNK_SIZE)),
+        Chunk(file=MAX_FILES - 1, index=MAX_TOTAL_CHUNKS - 1, compressed=True, data=bytes(MAX_CHUNK_SIZE), sha256=bytes(32)),
         FileDone(file=MAX_FILES - 1, sha256=bytes(32)),
         Receipt(receipt=bytes(MAX_RECEIPT_BYTES), checkpoint="\U0001f4dc" * MAX_CHECKPOINT_BYTES),
         Abort(code="\U0001f4dc" * 64, reason="\U0001f4dc" * MAX_REASON, final=True),
@@ -169,7 +172,8 @@ def test_any_field_of_the_wrong_type_is_refused_by_name(message, data):
 @given(message_values.filter(lambda m: not isinstance(m, Done)), st.data())
 def test_any_missing_field_is_refused_by_name(message, data):
     fields = wire_fields(message)
-    name = data.draw(st.sampled_from(sorted(k for k in fields if k != "t")), label="field")
+    optional = {"chunk": {"s"}}.get(fields["t"], set())  # a chunk without "s" is a plain chunk
+    name = data.draw(st.sampled_from(sorted(k for k in fields if k != "t" and k not in optional)), label="field")
     del fields[name]
     with pytest.raises(RemoteProtocolError) as info:
         messages.decode(packb(fields))
@@ -249,6 +253,9 @@ OUT_OF_BOUNDS = [
     ("chunk", "z", 1),
     ("chunk", "f", True),
     ("chunk", "f", 1.0),
+    ("chunk", "s", bytes(31)),
+    ("chunk", "s", bytes(33)),
+    ("chunk", "s", None),
     ("file_done", "sha256", bytes(31)),
     ("file_done", "sha256", bytes(33)),
     ("file_done", "f", -1),
@@ -288,6 +295,7 @@ def test_field_out_of_bounds_is_refused_by_name(kind, name, value):
         ("chunk", "f", MAX_FILES - 1),
         ("chunk", "i", MAX_TOTAL_CHUNKS - 1),
         ("chunk", "d", b""),
+        ("chunk", "s", bytes(32)),
         ("accept", "have", bytes(MAX_HAVE_BYTES)),
         ("accept", "have", b""),
         ("receipt", "checkpoint", "c" * MAX_CHECKPOINT_BYTES),
@@ -303,6 +311,7 @@ def test_field_exactly_at_its_bound_is_accepted(kind, name, value):
 chunks = st.builds(
     Chunk, file=file_index, index=st.integers(0, MAX_TOTAL_CHUNKS - 1), compressed=st.booleans(),
     data=st.one_of(small_bytes, st.integers(0, 70000).map(bytes)),  # every bin header size
+    sha256=st.none() | st.binary(min_size=32, max_size=32),  # a one-chunk file's chunk carries it
 )
 
 
@@ -311,9 +320,12 @@ chunks = st.builds(
 def test_a_chunk_is_encoded_as_the_msgpack_map_spec_describes(chunk):
     # The header is built alone so that a sender can read data into place:
     # header + data must be exactly the map msgpack itself would pack.
-    expected = pack({"t": "chunk", "f": chunk.file, "i": chunk.index, "z": chunk.compressed, "d": chunk.data})
+    fields = {"t": "chunk", "f": chunk.file, "i": chunk.index, "z": chunk.compressed}
+    if chunk.sha256 is not None:
+        fields["s"] = chunk.sha256
+    expected = pack({**fields, "d": chunk.data})
     assert messages.encode(chunk) == expected
-    header = messages.chunk_header(chunk.file, chunk.index, chunk.compressed, len(chunk.data))
+    header = messages.chunk_header(chunk.file, chunk.index, chunk.compressed, len(chunk.data), chunk.sha256)
     assert header + chunk.data == expected and len(header) <= messages.MAX_CHUNK_HEADER
 
 

@@ -22,6 +22,7 @@ from dorothy.dorothyd.receiving import Incoming
 from dorothy.dorothyd.sending import TransferAborted, deliver, notify_ended
 from dorothy.dorothyd.sources import SourceChanged, SourceReader, SourceUnavailable
 from dorothy.dorothyd.storage import PartialFiles
+from dorothy.protocol.transfer import ReceiverMachine
 
 from conftest import introduce
 from hostile import LongestStep
@@ -157,6 +158,25 @@ async def test_transfer_completes_in_one_connection(make_node, tmp_path):
     assert errors == []
     assert_delivered(sender, receiver, files, transfer_id)
     assert chunk_frames(sent_s) == 3 + 1 + 2  # every chunk of the two random files exactly once
+
+
+async def test_a_file_of_one_chunk_travels_in_one_record_with_its_sha256(make_node, tmp_path, monkeypatch):
+    sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
+    seen = []
+    receive = ReceiverMachine.receive
+
+    def recording(machine, message):
+        seen.append((type(message).__name__, getattr(message, "file", None), getattr(message, "sha256", None)))
+        return receive(machine, message)
+
+    monkeypatch.setattr(ReceiverMachine, "receive", recording)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
+    for row in sender.store.files(transfer_id):
+        records = [(kind, digest) for kind, file, digest in seen if file == row.idx]
+        if 0 < row.size <= CHUNK:  # one chunk, and no file_done after it
+            assert records == [("Chunk", row.sha256)], row.path
+        else:  # chunks without a hash, then the file_done
+            assert records == [("Chunk", None)] * -(-row.size // CHUNK) + [("FileDone", row.sha256)], row.path
 
 
 async def test_transfers_queued_one_after_another_each_offer_their_own_manifest(make_node, tmp_path):

@@ -463,6 +463,29 @@ def test_the_last_file_done_for_a_file_wins(receiving):
     assert finish(t).sender_sha256 == t.digests
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["new", "already-held"])
+def test_a_chunk_carrying_its_files_sha256_stands_for_its_file_done(receiving, held):
+    # File 1 is one chunk: it travels with its SHA-256 and no file_done.
+    # A resend of a chunk already held still delivers the hash it carries.
+    t = receiving
+    if held:
+        apply(t, t.receiver.receive(wire(chunk_message(t, 1, 0))))
+        t.receiver.chunk_durable(1, 0)
+    whole = chunk_message(t, 1, 0)
+    action = t.receiver.receive(wire(Chunk(file=1, index=0, compressed=whole.compressed, data=whole.data, sha256=t.digests[1])))
+    assert (action is None) == held
+    if action is not None:
+        apply(t, action)
+        t.receiver.chunk_durable(1, 0)
+    for f, i in [(0, 0), (0, 1)]:
+        apply(t, t.receiver.receive(wire(chunk_message(t, f, i))))
+        t.receiver.chunk_durable(f, i)
+    for f in (0, 2):
+        t.receiver.receive(wire(FileDone(file=f, sha256=t.digests[f])))
+    assert finish(t).sender_sha256 == t.digests
+    assert bytes(t.disk[1]) == t.sources[1]
+
+
 @pytest.mark.parametrize(
     "message",
     [
