@@ -88,13 +88,11 @@ PERMANENT_CODES = frozenset(
 
 
 class InFlight:
-    """A batch of writes, a flush, or the staging of a complete transfer,
-    running in a worker thread while the event loop goes on: `settle()`
-    waits for it, `take()` gives its result. `actions` are what it works
-    on, for the caller to account for. At most one of each per transfer at
-    a time."""
+    """A batch of writes, or a flush, running in a worker thread while the
+    event loop goes on; `result()` waits for it. At most one of each per
+    transfer at a time."""
 
-    def __init__(self, fn, *args, actions: list = ()):
+    def __init__(self, actions: list[WriteChunk], fn, *args):
         self.actions = actions
         self._done = trio.Event()
         self._outcome = None
@@ -417,7 +415,7 @@ class Incoming:
         """Hand the queued chunks to a worker thread."""
         batch, self._queued, self._queued_bytes = self._queued, [], 0
         self._handed += len(batch)
-        self._writing = InFlight(partial.write_batch, batch, actions=batch)
+        self._writing = InFlight(batch, partial.write_batch, batch)
 
     async def _drain(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Finish the batch in flight, then write what is queued."""
@@ -462,7 +460,7 @@ class Incoming:
             raise OSError(errno.EIO, "an earlier flush on this connection failed; nothing more of it is saved")
         if self._pending:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
-            self._flushing = InFlight(_make_durable, partial.flusher(), actions=pending)
+            self._flushing = InFlight(pending, _make_durable, partial.flusher())
 
     async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Every chunk written so far durable and held, before this returns."""
@@ -531,19 +529,10 @@ class Incoming:
                 await self._end("failed", error, partial, by="receiver")
                 await self._abort("hash_mismatch", error, final=True)
                 return
+        await self.node.set_file_sha256(self.id, digests)
         paths = [entry.path for entry in manifest.files]
         inbox = self.node.home.inbox_dir / self.peer.name
-        # The files' hashes must be durable before the transfer appears in
-        # the inbox (_published_digests counts on them), but not before the
-        # files are staged: the two go on at once (10,000 files: 60 ms).
-        staging = InFlight(partial.stage, inbox, self.id, paths)
-        try:
-            await self.node.set_file_sha256(self.id, digests)
-        finally:
-            with trio.CancelScope(shield=True):
-                await staging.settle()  # the caller's cleanup closes the files it moves
-        staging.take()
-        await trio.to_thread.run_sync(partial.publish, inbox, self.id)
+        await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)
         await self._complete(digests)
         machine.finalized()
 

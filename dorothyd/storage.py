@@ -334,14 +334,14 @@ class PartialFiles:
         self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def stage(self, inbox_peer_dir: Path, transfer_id: str, paths: list[str]) -> None:
-        """Move the complete set, durably, under its final names into a
-        hidden staging directory beside where `publish` makes it appear."""
+    def move_into(self, inbox_peer_dir: Path, transfer_id: str, paths: list[str]) -> Path:
+        """Atomically publish the complete set under inbox/<peer>/<id>."""
         self.close()
-        if (inbox_peer_dir / transfer_id).exists():
-            return  # published before a crash; nothing left to move
+        final = inbox_peer_dir / transfer_id
+        if final.exists():
+            return final  # published before a crash; nothing left to move
         _make_durable_dir(inbox_peer_dir)
-        staging = _staging_dir(inbox_peer_dir, transfer_id)
+        staging = inbox_peer_dir / f".{transfer_id}.incoming"
         _make_durable_dir(staging)
         # Grouped by directory: one walk and one fsync per directory, not per
         # file (a phone extraction has tens of thousands of files).
@@ -373,20 +373,10 @@ class PartialFiles:
             fsync_dir(staging)
         else:
             _sync_filesystem_of(staging)
-
-    def publish(self, inbox_peer_dir: Path, transfer_id: str) -> Path:
-        """Make the staged set appear as inbox/<peer>/<id>, in one rename."""
-        final = inbox_peer_dir / transfer_id
-        if final.exists():
-            return final  # published before a crash
-        os.rename(_staging_dir(inbox_peer_dir, transfer_id), final)
+        os.rename(staging, final)
         fsync_dir(inbox_peer_dir)
         shutil.rmtree(self.directory, ignore_errors=True)
         return final
-
-
-def _staging_dir(inbox_peer_dir: Path, transfer_id: str) -> Path:
-    return inbox_peer_dir / f".{transfer_id}.incoming"
 
 
 def _make_durable_dir(path: Path) -> None:

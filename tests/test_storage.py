@@ -90,8 +90,7 @@ def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, m
     monkeypatch.setattr(storage.os, "rename", rename)
     monkeypatch.setattr(storage.os, "fsync", fsync)
     monkeypatch.setattr(storage, "_syncfs", syncfs)
-    partial.stage(tmp_path / "inbox" / "alpha", "t", paths)
-    final = partial.publish(tmp_path / "inbox" / "alpha", "t")
+    final = partial.move_into(tmp_path / "inbox" / "alpha", "t", paths)
     appeared = events.index(("rename", os.fspath(final)))
     last_file_moved = max(i for i, (kind, name) in enumerate(events) if kind == "rename" and name.startswith("f"))
     between = events[last_file_moved:appeared]
