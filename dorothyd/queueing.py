@@ -130,6 +130,8 @@ async def cancel_transfer(node: Node, row) -> None:
     if running is not None:
         running.cancelled_by_operator = True
         running.cancel_scope.cancel()
+    if node.just_queued is not None and node.just_queued[0] == row["id"]:
+        node.just_queued = None  # 100,000 names need not wait for the next send
     fields = {"transfer_id": row["id"], "peer": row["peer"], "direction": row["direction"], "by": "operator"}
     await node.record("transfer_cancelled", fields)
     if row["direction"] == "in":

@@ -89,8 +89,8 @@ PERMANENT_CODES = frozenset(
 
 class InFlight:
     """A batch of writes, or a flush, running in a worker thread while the
-    event loop goes on; `result()` waits for it. At most one of each per
-    transfer at a time."""
+    event loop goes on: `settle()` waits for it, `take()` gives its result.
+    At most one of each per transfer at a time."""
 
     def __init__(self, actions: list[WriteChunk], fn, *args):
         self.actions = actions

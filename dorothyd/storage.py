@@ -339,7 +339,9 @@ class PartialFiles:
         self.close()
         final = inbox_peer_dir / transfer_id
         if final.exists():
-            return final  # published before a crash; nothing left to move
+            # Published before a crash, perhaps before its name was fsync'd.
+            fsync_dir(inbox_peer_dir)
+            return final
         _make_durable_dir(inbox_peer_dir)
         staging = inbox_peer_dir / f".{transfer_id}.incoming"
         _make_durable_dir(staging)
@@ -405,17 +407,17 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
 
 def _open_dirs(root: Path, parts: list[str], sync_each: bool) -> int:
     """Create and open root/parts... without following symlinks. With
-    `sync_each`, each new directory's entry is fsync'd at once (and its own
-    entries by the caller's fsync of the returned fd); without, the caller
-    syncs the whole filesystem once it is done."""
+    `sync_each`, each directory on the way is fsync'd, new or not (an
+    attempt a crash cut short may have made it), and the caller fsyncs the
+    returned one; without, the caller syncs the whole filesystem once done."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     for part in parts:
         try:
             os.mkdir(part, 0o700, dir_fd=fd)
-            if sync_each:
-                os.fsync(fd)
         except FileExistsError:
-            pass
+            pass  # made by an attempt a crash cut short, maybe not yet durable
+        if sync_each:
+            os.fsync(fd)
         try:
             child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
         finally:
@@ -426,7 +428,10 @@ def _open_dirs(root: Path, parts: list[str], sync_each: bool) -> int:
 
 def hash_published(final: Path, paths: list[str]) -> list[bytes]:
     """SHA-256 of files already in the inbox (recovery after a crash between
-    publishing and recording the receipt)."""
+    publishing and recording the receipt), once their transfer's name in the
+    inbox is durable: the crash may have come before its fsync, and a
+    receipt is about to rest on it."""
+    fsync_dir(final.parent)
     digests = []
     for path in paths:
         hasher = FileHasher()

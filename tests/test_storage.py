@@ -75,8 +75,9 @@ def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, m
     events = []
     real_rename, real_fsync, real_syncfs = os.rename, os.fsync, storage._syncfs
 
-    def rename(src, dst, **dir_fds):
-        events.append(("rename", os.fspath(dst)))
+    def rename(src, dst, **dir_fds):  # recorded as the directory it goes into
+        into = os.readlink(f"/proc/self/fd/{dir_fds['dst_dir_fd']}") if "dst_dir_fd" in dir_fds else os.fspath(dst)
+        events.append(("rename", into))
         real_rename(src, dst, **dir_fds)
 
     def fsync(fd):
@@ -92,16 +93,37 @@ def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, m
     monkeypatch.setattr(storage, "_syncfs", syncfs)
     final = partial.move_into(tmp_path / "inbox" / "alpha", "t", paths)
     appeared = events.index(("rename", os.fspath(final)))
-    last_file_moved = max(i for i, (kind, name) in enumerate(events) if kind == "rename" and name.startswith("f"))
-    between = events[last_file_moved:appeared]
     staging = os.fspath(tmp_path / "inbox" / "alpha" / ".t.incoming")
+    targets = {f"{staging}/case/d{i:02d}" for i in range(directories)}
+    last_file_moved = max(i for i, (kind, into) in enumerate(events) if kind == "rename" and into in targets)
     if directories > storage.SYNCFS_THRESHOLD:
-        assert ("syncfs", None) in between
+        assert ("syncfs", None) in events[last_file_moved:appeared]
     else:
-        touched = {staging, f"{staging}/case"} | {f"{staging}/case/d{i:02d}" for i in range(directories)}
-        assert touched <= {name for kind, name in events[:appeared] if kind == "fsync"}
-        assert ("fsync", staging) in between
+        for directory in targets | {staging, f"{staging}/case"}:  # each synced after the last change in it
+            changed = max((i for i, (kind, into) in enumerate(events) if kind == "rename" and into == directory), default=0)
+            assert ("fsync", directory) in events[changed:appeared], directory
     assert sorted(p.relative_to(final).as_posix() for p in final.rglob("f*")) == sorted(paths)
+
+
+def test_a_transfer_found_published_after_a_crash_has_its_inbox_name_made_durable(tmp_path, monkeypatch):
+    # The crash may have come between the rename into the inbox and the
+    # fsync of the inbox: the name must be durable before a receipt rests on it.
+    inbox = tmp_path / "inbox" / "alpha"
+    partial = PartialFiles(tmp_path / "partial", "t", [CHUNK])
+    write(partial, 0, 0, os.urandom(CHUNK))
+    partial.flush()
+    final = partial.move_into(inbox, "t", ["evidence.bin"])
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    storage.hash_published(final, ["evidence.bin"])  # what the next offer does first
+    assert synced == [os.fspath(inbox)]
+    assert PartialFiles(tmp_path / "partial", "t", [CHUNK]).move_into(inbox, "t", ["evidence.bin"]) == final
+    assert synced == [os.fspath(inbox)] * 2
 
 
 def test_a_failed_disk_write_fails_its_batch(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import cancel_transfer, queue_transfer
 from dorothy.dorothyd.receiving import Incoming
-from dorothy.dorothyd.sending import deliver, notify_ended
+from dorothy.dorothyd.sending import TransferAborted, deliver, notify_ended
 from dorothy.dorothyd.sources import SourceChanged, SourceReader, SourceUnavailable
 from dorothy.dorothyd.storage import PartialFiles
 from dorothy.protocol.transfer import ReceiverMachine
@@ -628,7 +628,8 @@ async def test_a_transfer_whose_publication_failed_keeps_no_hash_state(make_node
         raise OSError(errno.EIO, "injected publication failure")
 
     monkeypatch.setattr(PartialFiles, "move_into", disk_fails)
-    await attempt(sender, receiver, transfer_id)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert [(type(e), e.aborted.code) for e in errors] == [(TransferAborted, "receiver_io_error")]  # told to retry
     assert receiver.store.get(transfer_id)["state"] == "waiting"
     assert transfer_id not in receiver.received_hashes
     monkeypatch.undo()
