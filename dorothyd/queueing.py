@@ -2,7 +2,6 @@
 one, cancel one. The control server is only the transport for these."""
 
 import os
-import shutil
 
 import trio
 
@@ -12,6 +11,7 @@ from .clock import iso_now
 from .logs import log
 from .node import Node, node_key_bytes
 from .sources import build_manifest, collect
+from .storage import discard_received
 from .store import FINAL_STATES
 
 
@@ -138,6 +138,7 @@ async def cancel_transfer(node: Node, row) -> None:
         node.received_hashes.pop(row["id"], None)
         node.store.drop_chunks(row["id"])
         if running is None:
-            await trio.to_thread.run_sync(shutil.rmtree, node.home.partial_dir / row["id"], True)
+            inbox = node.home.inbox_dir / row["peer"]
+            await trio.to_thread.run_sync(discard_received, node.home.partial_dir, inbox, row["id"])
     node.wake_outbox()
     log.info("transfer %s cancelled by operator", row["id"])

@@ -9,8 +9,8 @@ committed before the receipt leaves this node.
 
 import bisect
 import errno
-import shutil
 import sqlite3
+from pathlib import Path
 
 import trio
 
@@ -26,7 +26,9 @@ from .channel import Channel
 from .clock import iso_now
 from .logs import log
 from .node import Node, Running, node_key_bytes
-from .storage import PartialFiles, hash_published, is_disk_full, partial_stamp, settled_partial_stamp
+from .storage import (
+    PartialFiles, discard_received, hash_published, is_disk_full, partial_stamp, settled_partial_stamp,
+)
 from .store import FINAL_STATES
 
 # Chunks are made durable (fdatasync, then recorded) at least this often:
@@ -154,8 +156,12 @@ class Incoming:
     async def _drop_partial_copy(self) -> None:
         """The partial files, and the records of the chunks they held."""
         self.node.received_hashes.pop(self.id, None)  # first: it describes the files about to go
-        await trio.to_thread.run_sync(shutil.rmtree, self.node.home.partial_dir / self.id, True)
+        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self._inbox, self.id)
         self.node.store.drop_chunks(self.id)
+
+    @property
+    def _inbox(self) -> Path:
+        return self.node.home.inbox_dir / self.peer.name
 
     async def _abort_quietly(self, code: str, reason: str) -> None:
         """A final abort on a connection that may already be gone: the peer
@@ -243,7 +249,7 @@ class Incoming:
     async def _published_digests(self) -> list[bytes] | None:
         """After a crash between publishing into the inbox and recording
         the receipt: the digests of the published files, re-read."""
-        final = self.node.home.inbox_dir / self.peer.name / self.id
+        final = self._inbox / self.id
         if not final.is_dir():
             return None  # the usual case: no file rows to read back
         files = await self.node.files(self.id)
@@ -505,7 +511,8 @@ class Incoming:
         if self._flushing is not None:
             await self._flushing.settle()
             self._flushing = None
-        await trio.to_thread.run_sync(partial.discard)
+        partial.close()
+        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self._inbox, self.id)
         self.node.store.drop_chunks(self.id)
         self.node.store.update(self.id, iso_now(), state=state, error=error)
         fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in"}
@@ -531,8 +538,7 @@ class Incoming:
                 return
         await self.node.set_file_sha256(self.id, digests)
         paths = [entry.path for entry in manifest.files]
-        inbox = self.node.home.inbox_dir / self.peer.name
-        await trio.to_thread.run_sync(partial.move_into, inbox, self.id, paths)
+        await trio.to_thread.run_sync(partial.move_into, self._inbox, self.id, paths)
         await self._complete(digests)
         machine.finalized()
 

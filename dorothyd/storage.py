@@ -330,10 +330,6 @@ class PartialFiles:
                 pass  # still exported by a traceback; garbage collection frees it
             self._aligned = None
 
-    def discard(self) -> None:
-        self.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
     def move_into(self, inbox_peer_dir: Path, transfer_id: str, paths: list[str]) -> Path:
         """Atomically publish the complete set under inbox/<peer>/<id>."""
         self.close()
@@ -343,7 +339,7 @@ class PartialFiles:
             fsync_dir(inbox_peer_dir)
             return final
         _make_durable_dir(inbox_peer_dir)
-        staging = inbox_peer_dir / f".{transfer_id}.incoming"
+        staging = staging_dir(inbox_peer_dir, transfer_id)
         _make_durable_dir(staging)
         # Grouped by directory: one walk and one fsync per directory, not per
         # file (a phone extraction has tens of thousands of files).
@@ -379,6 +375,20 @@ class PartialFiles:
         fsync_dir(inbox_peer_dir)
         shutil.rmtree(self.directory, ignore_errors=True)
         return final
+
+
+def staging_dir(inbox_peer_dir: Path, transfer_id: str) -> Path:
+    """Where publication assembles a transfer before its one rename into the inbox."""
+    return inbox_peer_dir / f".{transfer_id}.incoming"
+
+
+def discard_received(partial_root: Path, inbox_peer_dir: Path, transfer_id: str) -> None:
+    """Remove what an incoming transfer that will never complete left on
+    disk (blocking): its partial files, and the staging directory of a
+    publication a crash cut short, which would otherwise keep a hidden
+    copy of the evidence in the inbox for good."""
+    shutil.rmtree(partial_root / transfer_id, ignore_errors=True)
+    shutil.rmtree(staging_dir(inbox_peer_dir, transfer_id), ignore_errors=True)
 
 
 def _make_durable_dir(path: Path) -> None:

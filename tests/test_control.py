@@ -172,16 +172,16 @@ async def test_a_receiver_failing_a_transfer_refuses_a_cancel_meanwhile(make_nod
         bravo.store, id=TRANSFER, direction="in", peer="alpha", peer_node_key="dnk1", state="waiting",
         manifest=b"", manifest_hash=b"\x00" * 32, files=[("a.bin", None, 10, 0)], now=iso_now(),
     )
-    real_rmtree, refusals = receiving.shutil.rmtree, []
+    real_discard, refusals = receiving.discard_received, []
 
-    def rmtree_while_the_operator_cancels(path, ignore_errors=False):
+    def discard_while_the_operator_cancels(*args):
         try:
             trio.from_thread.run(cancel_transfer, bravo, bravo.store.get(TRANSFER))
         except RequestError as exc:
             refusals.append(str(exc))
-        real_rmtree(path, ignore_errors)
+        real_discard(*args)
 
-    monkeypatch.setattr(receiving.shutil, "rmtree", rmtree_while_the_operator_cancels)
+    monkeypatch.setattr(receiving, "discard_received", discard_while_the_operator_cancels)
 
     class ClosedChannel:
         async def send(self, message):

@@ -268,6 +268,27 @@ async def test_a_source_that_changes_fails_the_transfer_at_both_ends(make_node, 
     assert not (receiver.home.inbox_dir / "alpha" / transfer_id).exists()
 
 
+@pytest.mark.parametrize("ended_by", ["receiving-operator", "sending-operator"])
+async def test_a_transfer_that_ends_for_good_leaves_no_staged_copy_in_the_inbox(make_node, tmp_path, ended_by):
+    """A crash during publication can leave the hidden staging directory
+    with some files in it; if the transfer then never completes, that copy
+    of the evidence must go with the partial files."""
+    sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
+    await attempt(sender, receiver, transfer_id, cut_sender=4)
+    staging = receiver.home.inbox_dir / "alpha" / f".{transfer_id}.incoming"
+    (staging / "case").mkdir(parents=True)
+    (staging / "case" / "a.bin").write_bytes(files["case/a.bin"])
+    if ended_by == "receiving-operator":
+        await cancel_transfer(receiver, receiver.store.get(transfer_id))
+    else:
+        await cancel_transfer(sender, sender.store.get(transfer_id))
+        _, _, errors = await attempt(sender, receiver, transfer_id, job=notify_ended)
+        assert errors == []
+    assert receiver.store.get(transfer_id)["state"] == "cancelled"
+    assert not staging.exists() and not (receiver.home.partial_dir / transfer_id).exists()
+    assert os.listdir(receiver.home.inbox_dir / "alpha") == []
+
+
 def test_a_source_that_cannot_be_opened_for_now_is_not_a_changed_source(tmp_path, monkeypatch):
     """Too many open files or an I/O error may pass; a deleted file will not."""
     source = tmp_path / "a.bin"
