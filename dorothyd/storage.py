@@ -341,8 +341,8 @@ class PartialFiles:
         _make_durable_dir(inbox_peer_dir)
         staging = staging_dir(inbox_peer_dir, transfer_id)
         _make_durable_dir(staging)
-        # Grouped by directory: one walk and one fsync per directory, not per
-        # file (a phone extraction has tens of thousands of files).
+        # Grouped by directory: one walk (and, with few, one fsync) per
+        # directory, not per file (a phone extraction has tens of thousands).
         by_directory: dict[tuple[str, ...], list[tuple[int, str]]] = {}
         for index, path in enumerate(paths):
             *parents, name = path.split("/")
@@ -392,15 +392,18 @@ def discard_received(partial_root: Path, inbox_peer_dir: Path, transfer_id: str)
 
 
 def _make_durable_dir(path: Path) -> None:
-    """mkdir -p, fsyncing each parent whose entries changed, so a published
-    transfer cannot lose a directory to a power cut after its receipt left."""
+    """mkdir -p, fsyncing the parent of each directory made and of the
+    first one found (an attempt a crash cut short may have made it without
+    its entry reaching the disk), so a published transfer cannot lose a
+    directory to a power cut after its receipt left."""
     if path.is_dir():
+        fsync_dir(path.parent)
         return
     _make_durable_dir(path.parent)
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
-        return
+        pass
     fsync_dir(path.parent)
 
 

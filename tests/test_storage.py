@@ -126,6 +126,25 @@ def test_a_transfer_found_published_after_a_crash_has_its_inbox_name_made_durabl
     assert synced == [os.fspath(inbox)] * 2
 
 
+def test_an_inbox_folder_a_crashed_attempt_made_is_made_durable_before_use(tmp_path, monkeypatch):
+    # mkdir inbox/alpha, then a crash before the fsync of inbox/: the folder
+    # exists at the next attempt, but its entry may not survive a power cut.
+    inbox = tmp_path / "inbox"
+    (inbox / "alpha").mkdir(parents=True)
+    partial = PartialFiles(tmp_path / "partial", "t", [CHUNK])
+    write(partial, 0, 0, os.urandom(CHUNK))
+    partial.flush()
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    partial.move_into(inbox / "alpha", "t", ["evidence.bin"])
+    assert os.fspath(inbox) in synced
+
+
 def test_a_failed_disk_write_fails_its_batch(tmp_path, monkeypatch):
     # Large chunks are written in a thread of their own (O_DIRECT, beside
     # the hashing): its error must reach the caller, not stay in that thread.
