@@ -285,6 +285,60 @@ def test_adding_rows_to_an_existing_transfer_is_refused_and_removes_nothing(tmp_
         store.close()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.integers(0, 39), st.binary(min_size=32, max_size=32), max_size=40), st.data())
+def test_saving_file_hashes_sets_exactly_the_files_named(tmp_path_factory, digests, draw):
+    """Hashes are saved by runs of consecutive files, in whatever order and
+    with whatever gaps they come: each file gets its own, the other
+    transfer's rows and the files not named keep theirs."""
+    store = Store(tmp_path_factory.mktemp("db") / "state.db")
+    try:
+        other = dict(TRANSFER_ROW, id="cd" * 16)
+        for row in (TRANSFER_ROW, other):
+            add_transfer(store, files=_rows(40), **row)
+        earlier = draw.draw(st.dictionaries(st.integers(0, 39), st.binary(min_size=32, max_size=32)))
+        store.save_sent(TRANSFER_ROW["id"], earlier, 0, "now")
+        store.set_file_sha256(TRANSFER_ROW["id"], digests)
+        expected = [digests.get(n, earlier.get(n)) for n in range(40)]
+        assert [f.sha256 for f in store.files(TRANSFER_ROW["id"])] == expected
+        assert [f.sha256 for f in store.files(other["id"])] == [None] * 40
+    finally:
+        store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.binary(min_size=CHECK_LEN, max_size=CHECK_LEN)), max_size=60), st.data())
+def test_held_chunks_are_recorded_exactly_as_given(tmp_path_factory, chunks, draw):
+    """Held chunks are recorded by runs of consecutive slots, in whatever
+    order, with gaps and repeats (the last check of a slot wins, as it
+    would row by row); another transfer's chunks are left alone."""
+    store = Store(tmp_path_factory.mktemp("db") / "state.db")
+    try:
+        other = dict(TRANSFER_ROW, id="cd" * 16)
+        for row in (TRANSFER_ROW, other):
+            add_transfer(store, files=_rows(1), **row)
+        earlier = draw.draw(st.dictionaries(st.integers(0, 60), st.binary(min_size=CHECK_LEN, max_size=CHECK_LEN)))
+        store.add_chunks(TRANSFER_ROW["id"], list(earlier.items()), 1, "now")
+        store.add_chunks(other["id"], [(5, b"o" * CHECK_LEN)], 1, "now")
+        store.add_chunks(TRANSFER_ROW["id"], chunks, 2, "now")
+        assert store.chunks(TRANSFER_ROW["id"]) == {**earlier, **dict(chunks)}
+        assert store.chunks(other["id"]) == {5: b"o" * CHECK_LEN}
+        assert store.get(TRANSFER_ROW["id"])["bytes_done"] == 2
+    finally:
+        store.close()
+
+
+def test_hashes_of_different_lengths_are_refused_and_nothing_is_saved(tmp_path):
+    store = Store(tmp_path / "state.db")
+    try:
+        add_transfer(store, files=_rows(3), **TRANSFER_ROW)
+        with pytest.raises(ValueError, match="same, non-zero length"):
+            store.set_file_sha256(TRANSFER_ROW["id"], {0: b"a" * 32, 1: b"b" * 31, 2: b"c" * 32})
+        assert [f.sha256 for f in store.files(TRANSFER_ROW["id"])] == [None] * 3
+    finally:
+        store.close()
+
+
 async def test_file_hashes_are_set_in_steps_with_the_event_loop_free_between(make_node):
     node = make_node("bravo")
     files = _rows(25_000)
