@@ -5,7 +5,7 @@
     HOME/peers.json      the trust store
     HOME/state.db        the durable queue and transfer state (sqlite, WAL)
     HOME/ledger/         the append-only, signed transfer ledger
-    HOME/partial/<id>/   chunks of incoming transfers, named by file index
+    HOME/partial/<id>/files/  incoming transfers as they arrive
     HOME/inbox/<peer>/<id>/  completed, verified incoming transfers
     HOME/control.sock    the daemon's control socket (0600)
 """

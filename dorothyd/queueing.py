@@ -138,7 +138,6 @@ async def cancel_transfer(node: Node, row) -> None:
         node.received_hashes.pop(row["id"], None)
         node.store.drop_chunks(row["id"])
         if running is None:
-            inbox = node.home.inbox_dir / row["peer"]
-            await trio.to_thread.run_sync(discard_received, node.home.partial_dir, inbox, row["id"])
+            await trio.to_thread.run_sync(discard_received, node.home.partial_dir, row["id"])
     node.wake_outbox()
     log.info("transfer %s cancelled by operator", row["id"])

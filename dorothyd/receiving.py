@@ -156,7 +156,7 @@ class Incoming:
     async def _drop_partial_copy(self) -> None:
         """The partial files, and the records of the chunks they held."""
         self.node.received_hashes.pop(self.id, None)  # first: it describes the files about to go
-        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self._inbox, self.id)
+        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self.id)
         self.node.store.drop_chunks(self.id)
 
     @property
@@ -269,13 +269,13 @@ class Incoming:
         or verified by it, and the files' SHA-256 state was kept
         (_keep_hashes): nothing is read back."""
         store, manifest = self.node.store, self.manifest
-        sizes = [entry.size for entry in manifest.files]
+        paths, sizes = [entry.path for entry in manifest.files], [entry.size for entry in manifest.files]
         kept = self.node.received_hashes.pop(self.id, None)  # matches the held chunks until more are written
         directory = self.node.home.partial_dir / self.id
         if kept is not None and kept.stamp != await trio.to_thread.run_sync(partial_stamp, directory):
             log.warning("transfer %s: partial files changed since the last connection; reading them back", self.id)
             kept = None
-        partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, sizes, kept)
+        partial = await trio.to_thread.run_sync(PartialFiles, self.node.home.partial_dir, self.id, paths, sizes, kept)
         try:
             have = Bitmap(manifest.total_chunks)
             done_bytes, damaged, verified, last = 0, [], 0, -1
@@ -512,7 +512,7 @@ class Incoming:
             await self._flushing.settle()
             self._flushing = None
         partial.close()
-        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self._inbox, self.id)
+        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self.id)
         self.node.store.drop_chunks(self.id)
         self.node.store.update(self.id, iso_now(), state=state, error=error)
         fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in"}
@@ -537,8 +537,7 @@ class Incoming:
                 await self._abort("hash_mismatch", error, final=True)
                 return
         await self.node.set_file_sha256(self.id, digests)
-        paths = [entry.path for entry in manifest.files]
-        await trio.to_thread.run_sync(partial.move_into, self._inbox, self.id, paths)
+        await trio.to_thread.run_sync(partial.publish, self._inbox, self.id)
         await self._complete(digests)
         machine.finalized()
 

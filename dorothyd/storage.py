@@ -1,12 +1,13 @@
 """Where incoming chunks live until a transfer is complete, and how the
 complete set is moved into the inbox.
 
-Partial data sits in HOME/partial/<transfer id>/<file index>: names chosen
-by us, never by the peer. Only at completion are the validated relative
-paths from the manifest created, inside a fresh hidden directory that is
-renamed into HOME/inbox/<peer>/<transfer id> in one step, so a transfer is
-either absent from the inbox or complete. Directories are walked with
-O_NOFOLLOW handles, so no symlink can redirect a write.
+Partial data sits in HOME/partial/<transfer id>/files/, each file under
+its relative path from the manifest (validated and checked for collisions
+before anything is written). At completion that tree is renamed into
+HOME/inbox/<peer>/<transfer id> in one step, so a transfer is either absent
+from the inbox or complete, and publishing 10,000 files is one rename, not
+10,000. Directories are walked with O_NOFOLLOW handles, so no symlink can
+redirect a write.
 """
 
 import ctypes
@@ -25,8 +26,12 @@ from pathlib import Path
 from ..protocol import aegis
 from .hashing import FileHasher
 
-# At most this many partial files stay open; the rest are reopened on demand.
+# At most this many partial files, and directories of them, stay open; the
+# rest are reopened on demand.
 MAX_OPEN_FILES = 128
+MAX_OPEN_DIRS = 16
+# The folder under HOME/partial/<id> that becomes HOME/inbox/<peer>/<id>.
+TREE = "files"
 # Past this many dirty files, one syncfs() is cheaper than an fsync each (a
 # folder of 10,000 small files would otherwise pay 10,000 fsyncs); so it is
 # past this many directories at publication.
@@ -114,10 +119,16 @@ def _scan(directory: Path) -> tuple[bytes, int, bool]:
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
         whole_seconds = whole_seconds and st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
 
-    with os.scandir(directory) as entries:
-        add("", os.stat(directory, follow_symlinks=False))
-        for entry in entries:  # an unchanged directory lists in the same order
-            add(entry.name, entry.stat(follow_symlinks=False))
+    def walk(path: str, name: str) -> None:
+        add(name, os.stat(path, follow_symlinks=False))
+        with os.scandir(path) as entries:
+            for entry in entries:  # an unchanged directory lists in the same order
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{name}/{entry.name}")
+                else:
+                    add(f"{name}/{entry.name}", entry.stat(follow_symlinks=False))
+
+    walk(os.fspath(directory), "")
     return digest.digest(), newest, whole_seconds
 
 
@@ -155,15 +166,21 @@ class PartialFiles:
     in a worker thread). `hashes` continues those of an earlier connection,
     and must describe the held chunks as they are on disk now."""
 
-    def __init__(self, partial_root: Path, transfer_id: str, sizes: list[int], hashes: FileHashes | None = None):
+    def __init__(
+        self, partial_root: Path, transfer_id: str, paths: list[str], sizes: list[int], hashes: FileHashes | None = None
+    ):
         self.directory = partial_root / transfer_id
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Files are opened relative to the directory: no path to build and
-        # resolve again for each of 10,000 small files.
-        self._dir_fd: int | None = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.tree = self.directory / TREE
+        self.tree.mkdir(mode=0o700, exist_ok=True)
+        # Files are opened relative to their directory's descriptor: no path
+        # to build and resolve again for each of 10,000 small files.
+        self._dir_fd: int | None = os.open(self.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._paths = paths  # validated manifest paths (protocol.paths)
         self._sizes = sizes
         # index -> (buffered fd, O_DIRECT fd or None)
         self._open: OrderedDict[int, tuple[int, int | None]] = OrderedDict()
+        self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()  # below the tree's root
         self._dirty: set[int] = set()
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
         self._direct_writer: ThreadPoolExecutor | None = None  # see write_batch
@@ -176,12 +193,13 @@ class PartialFiles:
         if fds is None:
             while len(self._open) >= MAX_OPEN_FILES:
                 self._evict()
-            name = str(index)
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+            *parents, name = self._paths[index].split("/")
+            parent = self._parent_fd(tuple(parents))
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
             direct = None
             if self._sizes[index] >= DIRECT_MIN_FILE:
                 try:
-                    direct = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT, dir_fd=self._dir_fd)
+                    direct = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT, dir_fd=parent)
                 except OSError:
                     pass  # tmpfs and some others refuse O_DIRECT
             fds = (fd, direct)
@@ -190,6 +208,19 @@ class PartialFiles:
 
     def _fd(self, index: int) -> int:
         return self._fds(index)[0]
+
+    def _parent_fd(self, parents: tuple[str, ...]) -> int:
+        """The directory below the tree's root that a file lies in, made
+        if need be; files arrive in manifest order, so one or two stay open."""
+        if not parents:
+            return self._dir_fd
+        fd = self._dirs.pop(parents, None)
+        if fd is None:
+            while len(self._dirs) >= MAX_OPEN_DIRS:
+                os.close(self._dirs.popitem(last=False)[1])
+            fd = _open_dirs(self._dir_fd, parents, sync_each=False)
+        self._dirs[parents] = fd
+        return fd
 
     def _evict(self) -> None:
         # A dirty file stays in _dirty: flush() reaches it by reopening it or
@@ -320,6 +351,8 @@ class PartialFiles:
             self._direct_writer = None
         while self._open:
             self._evict()
+        while self._dirs:
+            os.close(self._dirs.popitem()[1])
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
@@ -330,65 +363,30 @@ class PartialFiles:
                 pass  # still exported by a traceback; garbage collection frees it
             self._aligned = None
 
-    def move_into(self, inbox_peer_dir: Path, transfer_id: str, paths: list[str]) -> Path:
-        """Atomically publish the complete set under inbox/<peer>/<id>."""
+    def publish(self, inbox_peer_dir: Path, transfer_id: str) -> Path:
+        """Atomically publish the complete set as inbox/<peer>/<id>: the
+        tree is made durable, then renamed there."""
+        directories = {tuple(path.split("/")[:-1]) for path in self._paths}
         self.close()
         final = inbox_peer_dir / transfer_id
-        if final.exists():
-            # Published before a crash, perhaps before its name was fsync'd.
-            fsync_dir(inbox_peer_dir)
-            return final
-        _make_durable_dir(inbox_peer_dir)
-        staging = staging_dir(inbox_peer_dir, transfer_id)
-        _make_durable_dir(staging)
-        # Grouped by directory: one walk (and, with few, one fsync) per
-        # directory, not per file (a phone extraction has tens of thousands).
-        by_directory: dict[tuple[str, ...], list[tuple[int, str]]] = {}
-        for index, path in enumerate(paths):
-            *parents, name = path.split("/")
-            by_directory.setdefault(tuple(parents), []).append((index, name))
-        # Each directory fsync is a journal commit of its own: a folder of
-        # 100 directories paid 206 of them, 0.1-0.16 s of its publication.
-        # Past a few directories, one syncfs at the end makes them all durable.
-        sync_each = len(by_directory) <= SYNCFS_THRESHOLD
-        source_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            for parents, entries in by_directory.items():
-                target_fd = _open_dirs(staging, list(parents), sync_each)
-                try:
-                    for index, name in entries:
-                        try:
-                            os.rename(str(index), name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
-                        except FileNotFoundError:
-                            os.stat(name, dir_fd=target_fd, follow_symlinks=False)  # moved before a crash
-                    if sync_each:
-                        os.fsync(target_fd)
-                finally:
-                    os.close(target_fd)
-        finally:
-            os.close(source_fd)
-        if sync_each:
-            fsync_dir(staging)
-        else:
-            _sync_filesystem_of(staging)
-        os.rename(staging, final)
+        if not final.exists():  # else published before a crash, perhaps before its name was fsync'd
+            _make_durable_dir(inbox_peer_dir)
+            # Each directory fsync is a journal commit of its own: past a
+            # few directories, one syncfs makes every name in the tree durable.
+            if len(directories) > SYNCFS_THRESHOLD:
+                _sync_filesystem_of(self.tree)
+            else:
+                _fsync_tree(self.tree, directories)
+            os.rename(self.tree, final)
         fsync_dir(inbox_peer_dir)
         shutil.rmtree(self.directory, ignore_errors=True)
         return final
 
 
-def staging_dir(inbox_peer_dir: Path, transfer_id: str) -> Path:
-    """Where publication assembles a transfer before its one rename into the inbox."""
-    return inbox_peer_dir / f".{transfer_id}.incoming"
-
-
-def discard_received(partial_root: Path, inbox_peer_dir: Path, transfer_id: str) -> None:
-    """Remove what an incoming transfer that will never complete left on
-    disk (blocking): its partial files, and the staging directory of a
-    publication a crash cut short, which would otherwise keep a hidden
-    copy of the evidence in the inbox for good."""
+def discard_received(partial_root: Path, transfer_id: str) -> None:
+    """Remove the partial files of an incoming transfer that will never
+    complete (blocking)."""
     shutil.rmtree(partial_root / transfer_id, ignore_errors=True)
-    shutil.rmtree(staging_dir(inbox_peer_dir, transfer_id), ignore_errors=True)
 
 
 def _make_durable_dir(path: Path) -> None:
@@ -418,25 +416,41 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _open_dirs(root: Path, parts: list[str], sync_each: bool) -> int:
-    """Create and open root/parts... without following symlinks. With
-    `sync_each`, each directory on the way is fsync'd, new or not (an
-    attempt a crash cut short may have made it), and the caller fsyncs the
-    returned one; without, the caller syncs the whole filesystem once done."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+def _open_dirs(root_fd: int, parts: tuple[str, ...], sync_each: bool) -> int:
+    """Create (0700) and open the directory `parts` below `root_fd`, without
+    following symlinks; a descriptor of its own, even for no parts. With
+    `sync_each`, each directory on the way is fsync'd before descending;
+    the caller fsyncs the returned one."""
+    fd = os.dup(root_fd)
     for part in parts:
         try:
             os.mkdir(part, 0o700, dir_fd=fd)
         except FileExistsError:
-            pass  # made by an attempt a crash cut short, maybe not yet durable
+            pass
         if sync_each:
             os.fsync(fd)
         try:
-            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
         finally:
             os.close(fd)
         fd = child
     return fd
+
+
+def _fsync_tree(tree: Path, directories: set[tuple[str, ...]]) -> None:
+    """fsync the tree's root and every directory on the way to each of
+    `directories`: every name in it is then durable (file data was made
+    so as it was received)."""
+    root_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for parts in directories:
+            fd = _open_dirs(root_fd, parts, sync_each=True)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
 
 
 def hash_published(final: Path, paths: list[str]) -> list[bytes]:

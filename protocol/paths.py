@@ -15,6 +15,10 @@ from .errors import RemoteProtocolError
 # component.
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
+# Deeper than any evidence tree, and shallow enough for every tool that
+# walks a tree by recursion (Python's shutil.rmtree and os.walk among them:
+# about 1,000 levels) to remove or read it.
+MAX_PATH_COMPONENTS = 256
 
 
 class PathError(RemoteProtocolError):
@@ -54,6 +58,8 @@ def validate_path(path: object) -> str:
     # Whole-list tests, and each component's length only when the path could
     # hold a long one: the receiver checks every name of an offer.
     components = path.split("/")
+    if len(components) > MAX_PATH_COMPONENTS:
+        raise bad(f"has more than {MAX_PATH_COMPONENTS} components")
     if "" in components:
         raise bad("has an empty component")
     for dots in (".", ".."):

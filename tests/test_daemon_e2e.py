@@ -13,6 +13,7 @@ import time
 import pytest
 
 from dorothy.cli.localnodes import LocalNode, dorothy, pair, poll
+from dorothy.dorothyd.storage import TREE
 from dorothy.protocol.manifest import DEFAULT_CHUNK_SIZE as CHUNK
 
 from faultproxy import Faults, FaultProxy, ProxyThread
@@ -143,7 +144,7 @@ def test_held_chunks_damaged_while_the_receiver_was_down_are_fetched_again(nodes
         poll(lambda: (t := incoming(bravo, transfer_id)) and t["bytes_done"] >= 2 * CHUNK, what="2 chunks durable at the receiver")
         bravo.kill()
         # Chunks 0 and 1 are held (durable and recorded); flip a byte in each.
-        partial = bravo.home / "partial" / transfer_id / "0"
+        partial = bravo.home / "partial" / transfer_id / TREE / "image.dd"
         with open(partial, "r+b") as f:
             for offset in (100, CHUNK + 7):
                 f.seek(offset)

@@ -231,16 +231,13 @@ class Link:
     # -- the properties ------------------------------------------------------
 
     def check_inbox(self, tag: str, *, settled: bool) -> None:
-        """Every transfer folder in bravo's inbox is one we sent, with exactly
-        its files, each bit-identical to its source. `settled`: every
-        transfer has ended, so nothing else (no staging folder) may be there
-        and every transfer bravo calls done is there."""
+        """Every entry in bravo's inbox, at any time, is a transfer folder we
+        sent, with exactly its files, each bit-identical to its source.
+        `settled`: every transfer has ended, so every transfer bravo calls
+        done is there."""
         inbox = self.bravo.home / "inbox" / "alpha"
         names = sorted(os.listdir(inbox)) if inbox.is_dir() else []
         for name in names:
-            if name.startswith("."):
-                assert not settled, f"{tag}: staging folder {name} left in bravo's inbox"
-                continue
             assert name in self.sent, f"{tag}: bravo's inbox holds {name}, which alpha never sent"
             folder = inbox / name
             found = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}

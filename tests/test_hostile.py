@@ -28,11 +28,13 @@ from dorothy.dorothyd.listener import MAX_UNAUTHENTICATED
 from dorothy.dorothyd.node import node_key_bytes
 from dorothy.dorothyd.queueing import queue_transfer
 from dorothy.dorothyd.sending import PermanentFailure, TransferAborted
+from dorothy.dorothyd.storage import TREE
 from dorothy.keys.identity import NodeIdentity
 from dorothy.protocol import messages
 from dorothy.protocol.errors import ProtocolError, RemoteProtocolError
 from dorothy.protocol.framing import MAX_FRAME
 from dorothy.protocol.manifest import MAX_FILES, sign_manifest
+from dorothy.protocol.paths import MAX_PATH_COMPONENTS
 from dorothy.protocol.receipt import sign_receipt
 from dorothy.protocol.session import HANDSHAKE1_LEN, HANDSHAKE2_LEN, MAGIC, encode_preamble
 from dorothy.protocol.signed import MANIFEST_DOMAIN, RECEIPT_DOMAIN
@@ -444,18 +446,22 @@ async def test_windows_device_names_are_plain_names_on_linux(make_node, tmp_path
         await assert_still_serving(env)
 
 
+DEEPEST = "/".join(["d"] * (MAX_PATH_COMPONENTS - 1) + ["a.bin"])
+
+
+@pytest.mark.parametrize("name", ["a.bin", DEEPEST], ids=["shallow", "deepest-legal"])
 @pytest.mark.parametrize("code", ["cancelled", "source_changed"])
-async def test_a_final_abort_right_after_a_chunk_leaves_nothing_behind(make_node, tmp_path, monkeypatch, code):
+async def test_a_final_abort_right_after_a_chunk_leaves_nothing_behind(make_node, tmp_path, monkeypatch, code, name):
     """The chunk is written but not yet durable when the abort ends the
     transfer: nothing may be saved for it afterwards, in the state db or,
     with its partial directory gone, relative to the daemon's working
-    directory."""
+    directory. The deepest tree a manifest may name goes as well."""
     cwd = tmp_path / "daemon-cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     async with serving(make_node, tmp_path) as env:
         before = snapshot(tmp_path)
-        peer, manifest = await offer(env, [("a.bin", 2 * CHUNK + 100), ("b.bin", 10)])
+        peer, manifest = await offer(env, [(name, 2 * CHUNK + 100), ("b.bin", 10)])
         await peer.send(chunk(index=0))
         await peer.send(messages.Abort(code=code, reason="the sender gave up", final=True))
         await peer.outcome()
@@ -481,7 +487,7 @@ async def test_huge_declared_size_is_not_preallocated(make_node, tmp_path):
         before = snapshot(tmp_path)
         peer, manifest = await offer(env, [("disk.img", HUGE)], chunk_size=BIG_CHUNK)
         tid = manifest.transfer_id.hex()
-        partial = env.bravo.home.partial_dir / tid
+        partial = env.bravo.home.partial_dir / tid / TREE
         assert not any(partial.iterdir())  # nothing created for a non-empty file until a chunk comes
         zeros = zstandard.ZstdCompressor().compress(bytes(BIG_CHUNK))
         for index in (0, 1 << 20):  # offsets 0 and 4 TiB
@@ -489,7 +495,7 @@ async def test_huge_declared_size_is_not_preallocated(make_node, tmp_path):
         await peer.send_raw(peer.session.close())  # an authenticated goodbye: bravo keeps what it got
         outcome = await peer.outcome()
         assert outcome.received == [] and outcome.eof
-        st = os.stat(partial / "0")
+        st = os.stat(partial / "disk.img")
         assert st.st_size == (1 << 42) + BIG_CHUNK  # apparent size: up to the last byte written
         assert st.st_blocks * 512 <= 2 * BIG_CHUNK + (1 << 20)  # allocated: the two chunks only
         assert env.bravo.store.get(tid)["state"] == "waiting"
@@ -533,7 +539,7 @@ async def test_chunk_beyond_the_filesystems_largest_file(make_node, tmp_path):
             assert "File too large" in outcome.received[0].reason
             row = env.bravo.store.get(tid)
             assert row["state"] == "waiting" and "could not store" in row["error"]
-            assert os.stat(env.bravo.home.partial_dir / tid / "0").st_blocks == 0
+            assert os.stat(env.bravo.home.partial_dir / tid / TREE / "disk.img").st_blocks == 0
         else:
             assert [a.code for a in outcome.received] == ["incomplete"]
         assert_contained(env, before)

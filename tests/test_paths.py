@@ -20,6 +20,7 @@ from dorothy.protocol.errors import RemoteProtocolError
 from dorothy.protocol.paths import (
     MAX_COMPONENT_BYTES,
     MAX_PATH_BYTES,
+    MAX_PATH_COMPONENTS,
     PathError,
     check_collisions,
     escape,
@@ -138,6 +139,16 @@ def test_path_length_counts_utf8_bytes_not_characters():
     path = "/".join(["\u20ac" * 80] * 18)
     assert len(path) < MAX_PATH_BYTES < len(path.encode())
     assert "longer than" in str(refusal(path))
+
+
+def test_depth_limit_is_in_components_and_inclusive():
+    # The receiver writes under these names as chunks arrive, and removes
+    # the tree if the transfer ends for good: that must not exceed
+    # recursion limits (shutil.rmtree on Python 3.11 fails near 1,000).
+    deepest = "/".join(["d"] * MAX_PATH_COMPONENTS)
+    assert validate_path(deepest) == deepest
+    error = refusal(deepest + "/f")
+    assert f"more than {MAX_PATH_COMPONENTS} components" in str(error)
 
 
 def test_component_length_limit_is_in_bytes_and_inclusive():

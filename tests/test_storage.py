@@ -23,6 +23,11 @@ from conftest import add_transfer
 CHUNK = 1 << 16
 
 
+def partial_files(root, sizes: list[int], paths: list[str] | None = None) -> PartialFiles:
+    """Transfer "t" under `root`, its files named by index unless `paths`."""
+    return PartialFiles(root, "t", paths or [str(n) for n in range(len(sizes))], sizes)
+
+
 def write(partial: PartialFiles, file: int, index: int, data: bytes) -> bytes:
     return partial.write_batch([WriteChunk(file=file, index=index, offset=index * CHUNK, data=data)])[0]
 
@@ -30,18 +35,18 @@ def write(partial: PartialFiles, file: int, index: int, data: bytes) -> bytes:
 def test_verify_finds_exactly_the_damaged_missing_and_short_chunks(tmp_path):
     sizes = [3 * CHUNK, CHUNK]
     chunks = [os.urandom(CHUNK) for _ in range(4)]
-    partial = PartialFiles(tmp_path, "t", sizes)
+    partial = partial_files(tmp_path, sizes)
     layout = [(0, 0, 0, CHUNK), (1, 0, CHUNK, CHUNK), (2, 0, 2 * CHUNK, CHUNK), (3, 1, 0, CHUNK)]
     held = {slot: write(partial, file, offset // CHUNK, chunks[slot]) for slot, file, offset, _ in layout}
     partial.flush()
     partial.close()
-    with open(tmp_path / "t" / "0", "r+b") as f:  # one flipped bit in the second chunk
+    with open(partial.tree / "0", "r+b") as f:  # one flipped bit in the second chunk
         f.seek(CHUNK + 1000)
         byte = f.read(1)[0]
         f.seek(CHUNK + 1000)
         f.write(bytes([byte ^ 0x10]))
-    os.truncate(tmp_path / "t" / "1", CHUNK - 1)  # the last chunk cut short
-    reopened = PartialFiles(tmp_path, "t", sizes)
+    os.truncate(partial.tree / "1", CHUNK - 1)  # the last chunk cut short
+    reopened = partial_files(tmp_path, sizes)
     try:
         assert reopened.verify(held, layout) == [1, 3]
     finally:
@@ -53,7 +58,7 @@ def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
     # A flush runs in its own thread while later writes evict and reopen
     # files, or after the partial files are closed: it must not touch theirs.
     before = len(os.listdir("/proc/self/fd"))
-    partial = PartialFiles(tmp_path, "t", [CHUNK] * files)
+    partial = partial_files(tmp_path, [CHUNK] * files)
     for index in range(files):
         write(partial, index, 0, os.urandom(CHUNK))
     flush = partial.flusher()
@@ -65,54 +70,54 @@ def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
 @pytest.mark.parametrize("directories", [2, 20], ids=["fsync-each", "syncfs"])
 def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, monkeypatch, directories):
     # The inbox name must not survive a power cut that loses a file inside
-    # it: each directory fsync'd, or (past a few) the filesystem synced once,
-    # after the last file was moved and before the staging directory's rename.
+    # it: each directory of the tree fsync'd, or (past a few) the filesystem
+    # synced once, before the tree's rename into the inbox.
     paths = [f"case/d{i % directories:02d}/f{i}" for i in range(2 * directories)]
-    partial = PartialFiles(tmp_path / "partial", "t", [CHUNK] * len(paths))
-    for index in range(len(paths)):
-        write(partial, index, 0, os.urandom(CHUNK))
+    partial = partial_files(tmp_path / "partial", [CHUNK] * len(paths), paths)
+    contents = [os.urandom(CHUNK) for _ in paths]
+    for index, data in enumerate(contents):
+        write(partial, index, 0, data)
     partial.flush()
+    tree = os.fspath(partial.tree)
     events = []
     real_rename, real_fsync, real_syncfs = os.rename, os.fsync, storage._syncfs
 
-    def rename(src, dst, **dir_fds):  # recorded as the directory it goes into
-        into = os.readlink(f"/proc/self/fd/{dir_fds['dst_dir_fd']}") if "dst_dir_fd" in dir_fds else os.fspath(dst)
-        events.append(("rename", into))
-        real_rename(src, dst, **dir_fds)
+    def rename(src, dst):
+        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        real_rename(src, dst)
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
     def syncfs(fd):
-        events.append(("syncfs", None))
+        events.append(("syncfs",))
         real_syncfs(fd)
 
     monkeypatch.setattr(storage.os, "rename", rename)
     monkeypatch.setattr(storage.os, "fsync", fsync)
     monkeypatch.setattr(storage, "_syncfs", syncfs)
-    final = partial.move_into(tmp_path / "inbox" / "alpha", "t", paths)
-    appeared = events.index(("rename", os.fspath(final)))
-    staging = os.fspath(tmp_path / "inbox" / "alpha" / ".t.incoming")
-    targets = {f"{staging}/case/d{i:02d}" for i in range(directories)}
-    last_file_moved = max(i for i, (kind, into) in enumerate(events) if kind == "rename" and into in targets)
+    final = partial.publish(tmp_path / "inbox" / "alpha", "t")
+    assert [e for e in events if e[0] == "rename"] == [("rename", tree, os.fspath(final))]  # one rename for all
+    appeared = events.index(("rename", tree, os.fspath(final)))
     if directories > storage.SYNCFS_THRESHOLD:
-        assert ("syncfs", None) in events[last_file_moved:appeared]
+        assert ("syncfs",) in events[:appeared]
     else:
-        for directory in targets | {staging, f"{staging}/case"}:  # each synced after the last change in it
-            changed = max((i for i, (kind, into) in enumerate(events) if kind == "rename" and into == directory), default=0)
-            assert ("fsync", directory) in events[changed:appeared], directory
-    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("f*")) == sorted(paths)
+        for directory in {tree, f"{tree}/case"} | {f"{tree}/case/d{i:02d}" for i in range(directories)}:
+            assert ("fsync", directory) in events[:appeared], directory
+    assert ("fsync", os.fspath(final.parent)) in events[appeared:]
+    assert {p.relative_to(final).as_posix(): p.read_bytes() for p in final.rglob("f*")} == dict(zip(paths, contents))
+    assert not partial.directory.exists()
 
 
 def test_a_transfer_found_published_after_a_crash_has_its_inbox_name_made_durable(tmp_path, monkeypatch):
     # The crash may have come between the rename into the inbox and the
     # fsync of the inbox: the name must be durable before a receipt rests on it.
     inbox = tmp_path / "inbox" / "alpha"
-    partial = PartialFiles(tmp_path / "partial", "t", [CHUNK])
+    partial = partial_files(tmp_path / "partial", [CHUNK], ["evidence.bin"])
     write(partial, 0, 0, os.urandom(CHUNK))
     partial.flush()
-    final = partial.move_into(inbox, "t", ["evidence.bin"])
+    final = partial.publish(inbox, "t")
     synced, real_fsync = [], os.fsync
 
     def fsync(fd):
@@ -122,7 +127,7 @@ def test_a_transfer_found_published_after_a_crash_has_its_inbox_name_made_durabl
     monkeypatch.setattr(storage.os, "fsync", fsync)
     storage.hash_published(final, ["evidence.bin"])  # what the next offer does first
     assert synced == [os.fspath(inbox)]
-    assert PartialFiles(tmp_path / "partial", "t", [CHUNK]).move_into(inbox, "t", ["evidence.bin"]) == final
+    assert partial_files(tmp_path / "partial", [CHUNK], ["evidence.bin"]).publish(inbox, "t") == final
     assert synced == [os.fspath(inbox)] * 2
 
 
@@ -131,7 +136,7 @@ def test_an_inbox_folder_a_crashed_attempt_made_is_made_durable_before_use(tmp_p
     # exists at the next attempt, but its entry may not survive a power cut.
     inbox = tmp_path / "inbox"
     (inbox / "alpha").mkdir(parents=True)
-    partial = PartialFiles(tmp_path / "partial", "t", [CHUNK])
+    partial = partial_files(tmp_path / "partial", [CHUNK], ["evidence.bin"])
     write(partial, 0, 0, os.urandom(CHUNK))
     partial.flush()
     synced, real_fsync = [], os.fsync
@@ -141,14 +146,14 @@ def test_an_inbox_folder_a_crashed_attempt_made_is_made_durable_before_use(tmp_p
         real_fsync(fd)
 
     monkeypatch.setattr(storage.os, "fsync", fsync)
-    partial.move_into(inbox / "alpha", "t", ["evidence.bin"])
+    partial.publish(inbox / "alpha", "t")
     assert os.fspath(inbox) in synced
 
 
 def test_a_failed_disk_write_fails_its_batch(tmp_path, monkeypatch):
     # Large chunks are written in a thread of their own (O_DIRECT, beside
     # the hashing): its error must reach the caller, not stay in that thread.
-    partial = PartialFiles(tmp_path, "t", [DIRECT_MIN_FILE])
+    partial = partial_files(tmp_path, [DIRECT_MIN_FILE])
 
     def failing_pwrite(fd, data, offset):
         raise OSError(errno.EIO, "I/O error (test)")
@@ -166,7 +171,7 @@ def test_a_batch_that_fails_while_its_chunk_is_written_waits_for_that_write(tmp_
     # Else close() could meet the write still running on its descriptor.
     # (Where the file system refuses O_DIRECT, as tmpfs does, the write is
     # made before the hashing, in the caller's thread, and this holds too.)
-    partial = PartialFiles(tmp_path, "t", [DIRECT_MIN_FILE])
+    partial = partial_files(tmp_path, [DIRECT_MIN_FILE])
     caller, hashing_failed, finished = threading.current_thread(), threading.Event(), []
     real_pwrite = os.pwrite
 

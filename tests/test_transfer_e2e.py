@@ -21,7 +21,7 @@ from dorothy.dorothyd.queueing import cancel_transfer, queue_transfer
 from dorothy.dorothyd.receiving import Incoming
 from dorothy.dorothyd.sending import TransferAborted, deliver, notify_ended
 from dorothy.dorothyd.sources import SourceChanged, SourceReader, SourceUnavailable
-from dorothy.dorothyd.storage import PartialFiles
+from dorothy.dorothyd.storage import TREE, PartialFiles
 from dorothy.protocol.transfer import ReceiverMachine
 
 from conftest import introduce
@@ -132,8 +132,7 @@ def assert_delivered(sender, receiver, files, transfer_id):
     assert sender.store.get(transfer_id)["state"] == "done"
     assert receiver.store.get(transfer_id)["state"] == "done"
     inbox = receiver.home.inbox_dir / "alpha" / transfer_id
-    for rel, data in files.items():
-        assert (inbox / rel).read_bytes() == data
+    assert {p.relative_to(inbox).as_posix(): p.read_bytes() for p in inbox.rglob("*") if p.is_file()} == files
     received = {f.path: f.sha256 for f in receiver.store.files(transfer_id)}
     assert received == {rel: hashlib.sha256(data).digest() for rel, data in files.items()}
     assert not (receiver.home.partial_dir / transfer_id).exists()
@@ -269,15 +268,12 @@ async def test_a_source_that_changes_fails_the_transfer_at_both_ends(make_node, 
 
 
 @pytest.mark.parametrize("ended_by", ["receiving-operator", "sending-operator"])
-async def test_a_transfer_that_ends_for_good_leaves_no_staged_copy_in_the_inbox(make_node, tmp_path, ended_by):
-    """A crash during publication can leave the hidden staging directory
-    with some files in it; if the transfer then never completes, that copy
-    of the evidence must go with the partial files."""
+async def test_a_transfer_that_ends_for_good_leaves_no_copy_behind(make_node, tmp_path, ended_by):
+    """Part of it arrived, under the manifest's names in the partial tree;
+    once either operator cancels, none of it stays on the receiver."""
     sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
     await attempt(sender, receiver, transfer_id, cut_sender=4)
-    staging = receiver.home.inbox_dir / "alpha" / f".{transfer_id}.incoming"
-    (staging / "case").mkdir(parents=True)
-    (staging / "case" / "a.bin").write_bytes(files["case/a.bin"])
+    assert any(p.is_file() for p in (receiver.home.partial_dir / transfer_id).rglob("*"))
     if ended_by == "receiving-operator":
         await cancel_transfer(receiver, receiver.store.get(transfer_id))
     else:
@@ -285,8 +281,8 @@ async def test_a_transfer_that_ends_for_good_leaves_no_staged_copy_in_the_inbox(
         _, _, errors = await attempt(sender, receiver, transfer_id, job=notify_ended)
         assert errors == []
     assert receiver.store.get(transfer_id)["state"] == "cancelled"
-    assert not staging.exists() and not (receiver.home.partial_dir / transfer_id).exists()
-    assert os.listdir(receiver.home.inbox_dir / "alpha") == []
+    assert not (receiver.home.partial_dir / transfer_id).exists()
+    assert not (receiver.home.inbox_dir / "alpha").exists() or os.listdir(receiver.home.inbox_dir / "alpha") == []
 
 
 def test_a_source_that_cannot_be_opened_for_now_is_not_a_changed_source(tmp_path, monkeypatch):
@@ -511,19 +507,23 @@ async def test_a_re_verification_the_sender_gave_up_waiting_for_is_not_repeated(
     assert_delivered(sender, receiver, files, transfer_id)
 
 
-@pytest.mark.parametrize("change", ["overwritten", "removed"])
+@pytest.mark.parametrize("change", ["overwritten", "removed", "earlier-layout"])
 async def test_partial_files_changed_between_connections_are_read_back(make_node, tmp_path, monkeypatch, change):
     """The kept SHA-256 state describes the partial files as this process
     left them. Changed since (damage, a local tamperer, a clean-up that
-    removed them), they are read back and checked as after a restart: never
-    a receipt for a hash of bytes that are no longer on disk."""
+    removed them, an earlier build's layout that named them by index),
+    they are read back and checked as after a restart: never a receipt for
+    a hash of bytes that are no longer on disk, nor a file published that
+    is not in the manifest."""
     sender, receiver, files, transfer_id = await cut_after_part_is_held(make_node, tmp_path, monkeypatch)
     assert transfer_id in receiver.received_hashes
     partial = receiver.home.partial_dir / transfer_id
     if change == "overwritten":
-        with open(partial / "0", "r+b") as f:  # inside chunk 0, which is held
+        with open(partial / TREE / "image.bin", "r+b") as f:  # inside chunk 0, which is held
             f.seek(5)
             f.write(b"XXXX")
+    elif change == "earlier-layout":
+        shutil.move(partial / TREE / "image.bin", partial / "0")
     else:
         shutil.rmtree(partial)
     await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
@@ -648,7 +648,7 @@ async def test_a_transfer_whose_publication_failed_keeps_no_hash_state(make_node
     def disk_fails(*args):
         raise OSError(errno.EIO, "injected publication failure")
 
-    monkeypatch.setattr(PartialFiles, "move_into", disk_fails)
+    monkeypatch.setattr(PartialFiles, "publish", disk_fails)
     _, _, errors = await attempt(sender, receiver, transfer_id)
     assert [(type(e), e.aborted.code) for e in errors] == [(TransferAborted, "receiver_io_error")]  # told to retry
     assert receiver.store.get(transfer_id)["state"] == "waiting"
