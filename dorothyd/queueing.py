@@ -138,6 +138,7 @@ async def cancel_transfer(node: Node, row) -> None:
         node.received_hashes.pop(row["id"], None)
         node.store.drop_chunks(row["id"])
         if running is None:
-            await trio.to_thread.run_sync(discard_received, node.home.partial_dir, row["id"])
+            inbox = node.home.inbox_dir / row["peer"]
+            await trio.to_thread.run_sync(discard_received, node.home.partial_dir, inbox, row["id"])
     node.wake_outbox()
     log.info("transfer %s cancelled by operator", row["id"])

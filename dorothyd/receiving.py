@@ -156,7 +156,7 @@ class Incoming:
     async def _drop_partial_copy(self) -> None:
         """The partial files, and the records of the chunks they held."""
         self.node.received_hashes.pop(self.id, None)  # first: it describes the files about to go
-        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self.id)
+        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self._inbox, self.id)
         self.node.store.drop_chunks(self.id)
 
     @property
@@ -512,7 +512,7 @@ class Incoming:
             await self._flushing.settle()
             self._flushing = None
         partial.close()
-        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self.id)
+        await trio.to_thread.run_sync(discard_received, self.node.home.partial_dir, self._inbox, self.id)
         self.node.store.drop_chunks(self.id)
         self.node.store.update(self.id, iso_now(), state=state, error=error)
         fields = {"transfer_id": self.id, "peer": self.peer.name, "direction": "in"}

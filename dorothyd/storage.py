@@ -59,7 +59,7 @@ def _syncfs(fd: int) -> None:
 
 
 def _sync_filesystem_of(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = _open_dir(path)
     try:
         _syncfs(fd)
     finally:
@@ -119,16 +119,24 @@ def _scan(directory: Path) -> tuple[bytes, int, bool]:
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
         whole_seconds = whole_seconds and st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
 
-    def walk(path: str, name: str) -> None:
-        add(name, os.stat(path, follow_symlinks=False))
-        with os.scandir(path) as entries:
-            for entry in entries:  # an unchanged directory lists in the same order
-                if entry.is_dir(follow_symlinks=False):
-                    walk(entry.path, f"{name}/{entry.name}")
-                else:
-                    add(f"{name}/{entry.name}", entry.stat(follow_symlinks=False))
+    def walk(fd: int, name: str) -> None:
+        """The directory `name`, open as `fd` (closed here). Descriptor-relative:
+        below HOME, a legal manifest path can be longer than PATH_MAX."""
+        try:
+            add(name, os.fstat(fd))
+            subdirectories = []
+            with os.scandir(fd) as entries:  # an unchanged directory lists in the same order
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirectories.append(entry.name)
+                    else:
+                        add(f"{name}/{entry.name}", entry.stat(follow_symlinks=False))
+            for subdirectory in subdirectories:
+                walk(_open_dir(subdirectory, fd), f"{name}/{subdirectory}")
+        finally:
+            os.close(fd)
 
-    walk(os.fspath(directory), "")
+    walk(_open_dir(directory), "")
     return digest.digest(), newest, whole_seconds
 
 
@@ -171,11 +179,14 @@ class PartialFiles:
     ):
         self.directory = partial_root / transfer_id
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in os.listdir(self.directory):
+            if name.isdigit():  # partial/<id>/<index>, as builds before the tree kept them: refetched into it
+                os.unlink(self.directory / name)
         self.tree = self.directory / TREE
         self.tree.mkdir(mode=0o700, exist_ok=True)
         # Files are opened relative to their directory's descriptor: no path
         # to build and resolve again for each of 10,000 small files.
-        self._dir_fd: int | None = os.open(self.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._dir_fd: int | None = _open_dir(self.tree)
         self._paths = paths  # validated manifest paths (protocol.paths)
         self._sizes = sizes
         # index -> (buffered fd, O_DIRECT fd or None)
@@ -380,13 +391,21 @@ class PartialFiles:
             os.rename(self.tree, final)
         fsync_dir(inbox_peer_dir)
         shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(_earlier_staging(inbox_peer_dir, transfer_id), ignore_errors=True)
         return final
 
 
-def discard_received(partial_root: Path, transfer_id: str) -> None:
-    """Remove the partial files of an incoming transfer that will never
-    complete (blocking)."""
+def discard_received(partial_root: Path, inbox_peer_dir: Path, transfer_id: str) -> None:
+    """Remove what an incoming transfer that will never complete left on
+    disk (blocking)."""
     shutil.rmtree(partial_root / transfer_id, ignore_errors=True)
+    shutil.rmtree(_earlier_staging(inbox_peer_dir, transfer_id), ignore_errors=True)
+
+
+def _earlier_staging(inbox_peer_dir: Path, transfer_id: str) -> Path:
+    """Where builds before the partial tree assembled a transfer at
+    publication: a crash there left part of it, hidden, in the inbox."""
+    return inbox_peer_dir / f".{transfer_id}.incoming"
 
 
 def _make_durable_dir(path: Path) -> None:
@@ -422,26 +441,31 @@ def _open_dirs(root_fd: int, parts: tuple[str, ...], sync_each: bool) -> int:
     `sync_each`, each directory on the way is fsync'd before descending;
     the caller fsyncs the returned one."""
     fd = os.dup(root_fd)
-    for part in parts:
-        try:
-            os.mkdir(part, 0o700, dir_fd=fd)
-        except FileExistsError:
-            pass
-        if sync_each:
-            os.fsync(fd)
-        try:
-            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        finally:
-            os.close(fd)
-        fd = child
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            if sync_each:
+                os.fsync(fd)
+            fd, parent = _open_dir(part, fd), fd
+            os.close(parent)
+    except BaseException:
+        os.close(fd)  # a full disk fails mkdir: no descriptor may stay behind
+        raise
     return fd
+
+
+def _open_dir(name: Path | str, dir_fd: int | None = None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 def _fsync_tree(tree: Path, directories: set[tuple[str, ...]]) -> None:
     """fsync the tree's root and every directory on the way to each of
     `directories`: every name in it is then durable (file data was made
     so as it was received)."""
-    root_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    root_fd = _open_dir(tree)
     try:
         for parts in directories:
             fd = _open_dirs(root_fd, parts, sync_each=True)

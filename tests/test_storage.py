@@ -53,18 +53,92 @@ def test_verify_finds_exactly_the_damaged_missing_and_short_chunks(tmp_path):
         reopened.close()
 
 
+def open_descriptors() -> list[str]:
+    """What this process's descriptors point at (the one listing them is gone by then)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return found
+
+
 @pytest.mark.parametrize("files", [2, 20], ids=["fdatasync-each", "syncfs"])
 def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
     # A flush runs in its own thread while later writes evict and reopen
     # files, or after the partial files are closed: it must not touch theirs.
     before = len(os.listdir("/proc/self/fd"))
-    partial = partial_files(tmp_path, [CHUNK] * files)
+    partial = partial_files(tmp_path, [CHUNK] * files, [f"case/d{n % 3}/f{n}" for n in range(files)])
     for index in range(files):
         write(partial, index, 0, os.urandom(CHUNK))
     flush = partial.flusher()
     partial.close()
     flush()  # no EBADF
     assert len(os.listdir("/proc/self/fd")) == before  # and no duplicate left open
+
+
+def test_directories_of_partial_files_are_kept_open_a_few_at_a_time_and_closed_with_them(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    count = 3 * storage.MAX_OPEN_DIRS
+    partial = partial_files(tmp_path, [10] * count, [f"case/d{n}/f" for n in range(count)])
+    for index in range(count):
+        write(partial, index, 0, b"x" * 10)
+    tree = os.fspath(partial.tree)
+    directories = [p for p in open_descriptors() if p.startswith(f"{tree}/") and os.path.isdir(p)]
+    assert 0 < len(directories) <= storage.MAX_OPEN_DIRS
+    partial.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_directory_that_cannot_be_made_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    # A full disk fails mkdir; the sender retries, and every attempt must
+    # not cost the daemon a descriptor.
+    partial = partial_files(tmp_path, [10], ["case/deeper/f"])
+    real_mkdir = os.mkdir
+
+    def mkdir(name, mode, *, dir_fd):
+        if name == "deeper":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_mkdir(name, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(storage.os, "mkdir", mkdir)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space left"):
+        write(partial, 0, 0, b"x" * 10)
+    assert len(os.listdir("/proc/self/fd")) == before
+    partial.close()
+
+
+@pytest.mark.parametrize("planted", ["directory", "file"])
+def test_a_symbolic_link_planted_in_the_partial_tree_is_refused_not_followed(tmp_path, planted):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    partial = partial_files(tmp_path / "partial", [10], ["case/f"])
+    if planted == "directory":
+        (partial.tree / "case").symlink_to(outside)
+    else:
+        (partial.tree / "case").mkdir()
+        (partial.tree / "case" / "f").symlink_to(outside / "f")
+    with pytest.raises(OSError):
+        write(partial, 0, 0, b"x" * 10)
+    partial.close()
+    assert list(outside.iterdir()) == []
+
+
+def test_a_stamp_sees_files_whose_path_is_longer_than_path_max_below_home(tmp_path):
+    # A legal manifest path has up to 4,096 bytes; below HOME/partial/<id>/
+    # the whole path is longer than the kernel takes in one piece.
+    path = "/".join(["d" * 250] * 16 + ["f"])
+    partial = partial_files(tmp_path, [10], [path])
+    write(partial, 0, 0, b"x" * 10)
+    partial.close()
+    stamp = partial_stamp(partial.directory)
+    assert stamp is not None and settled_partial_stamp(partial.directory) == stamp
+    reopened = partial_files(tmp_path, [10], [path])
+    write(reopened, 0, 0, b"y" * 10)
+    reopened.close()
+    assert partial_stamp(partial.directory) not in (None, stamp)
 
 
 @pytest.mark.parametrize("directories", [2, 20], ids=["fsync-each", "syncfs"])

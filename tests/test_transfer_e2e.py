@@ -269,11 +269,16 @@ async def test_a_source_that_changes_fails_the_transfer_at_both_ends(make_node, 
 
 @pytest.mark.parametrize("ended_by", ["receiving-operator", "sending-operator"])
 async def test_a_transfer_that_ends_for_good_leaves_no_copy_behind(make_node, tmp_path, ended_by):
-    """Part of it arrived, under the manifest's names in the partial tree;
-    once either operator cancels, none of it stays on the receiver."""
+    """Part of it arrived, under the manifest's names in the partial tree
+    (and, after a crash during publication in a build before that tree,
+    in a hidden staging folder in the inbox); once either operator
+    cancels, none of it stays on the receiver."""
     sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
     await attempt(sender, receiver, transfer_id, cut_sender=4)
     assert any(p.is_file() for p in (receiver.home.partial_dir / transfer_id).rglob("*"))
+    staging = receiver.home.inbox_dir / "alpha" / f".{transfer_id}.incoming"
+    (staging / "case").mkdir(parents=True)
+    (staging / "case" / "a.bin").write_bytes(files["case/a.bin"])
     if ended_by == "receiving-operator":
         await cancel_transfer(receiver, receiver.store.get(transfer_id))
     else:
@@ -282,7 +287,7 @@ async def test_a_transfer_that_ends_for_good_leaves_no_copy_behind(make_node, tm
         assert errors == []
     assert receiver.store.get(transfer_id)["state"] == "cancelled"
     assert not (receiver.home.partial_dir / transfer_id).exists()
-    assert not (receiver.home.inbox_dir / "alpha").exists() or os.listdir(receiver.home.inbox_dir / "alpha") == []
+    assert os.listdir(receiver.home.inbox_dir / "alpha") == []
 
 
 def test_a_source_that_cannot_be_opened_for_now_is_not_a_changed_source(tmp_path, monkeypatch):
@@ -523,10 +528,16 @@ async def test_partial_files_changed_between_connections_are_read_back(make_node
             f.seek(5)
             f.write(b"XXXX")
     elif change == "earlier-layout":
+        # As a build before the partial tree left it, after a crash during
+        # publication: a file by index, and a hidden staging folder in the inbox.
         shutil.move(partial / TREE / "image.bin", partial / "0")
+        staging = receiver.home.inbox_dir / "alpha" / f".{transfer_id}.incoming"
+        staging.mkdir(parents=True)
+        (staging / "image.bin").write_bytes(b"part of the evidence")
     else:
         shutil.rmtree(partial)
     await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
+    assert os.listdir(receiver.home.inbox_dir / "alpha") == [transfer_id]
 
 
 async def test_a_copy_dropped_for_good_leaves_no_hash_state_even_if_recording_that_fails(make_node, tmp_path, monkeypatch):
