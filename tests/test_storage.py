@@ -1,6 +1,7 @@
 """The receiver's partial files and the held-chunk records that let a
 restarted node resume: what is found damaged, and what an upgrade forgets."""
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -364,25 +365,34 @@ def test_adding_rows_to_an_existing_transfer_is_refused_and_removes_nothing(tmp_
         store.close()
 
 
+OTHER_ROW = dict(TRANSFER_ROW, id="cd" * 16)
+
+
+@contextlib.contextmanager
+def two_transfers(directory, *, files: int):
+    """A state db holding TRANSFER_ROW and OTHER_ROW, each with `files` file rows."""
+    store = Store(directory / "state.db")
+    try:
+        for row in (TRANSFER_ROW, OTHER_ROW):
+            add_transfer(store, files=_rows(files), **row)
+        yield store
+    finally:
+        store.close()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.integers(0, 39), st.binary(min_size=32, max_size=32), max_size=40), st.data())
 def test_saving_file_hashes_sets_exactly_the_files_named(tmp_path_factory, digests, draw):
     """Hashes are saved by runs of consecutive files, in whatever order and
     with whatever gaps they come: each file gets its own, the other
     transfer's rows and the files not named keep theirs."""
-    store = Store(tmp_path_factory.mktemp("db") / "state.db")
-    try:
-        other = dict(TRANSFER_ROW, id="cd" * 16)
-        for row in (TRANSFER_ROW, other):
-            add_transfer(store, files=_rows(40), **row)
+    with two_transfers(tmp_path_factory.mktemp("db"), files=40) as store:
         earlier = draw.draw(st.dictionaries(st.integers(0, 39), st.binary(min_size=32, max_size=32)))
         store.save_sent(TRANSFER_ROW["id"], earlier, 0, "now")
         store.set_file_sha256(TRANSFER_ROW["id"], digests)
         expected = [digests.get(n, earlier.get(n)) for n in range(40)]
         assert [f.sha256 for f in store.files(TRANSFER_ROW["id"])] == expected
-        assert [f.sha256 for f in store.files(other["id"])] == [None] * 40
-    finally:
-        store.close()
+        assert [f.sha256 for f in store.files(OTHER_ROW["id"])] == [None] * 40
 
 
 @settings(max_examples=60, deadline=None)
@@ -391,20 +401,14 @@ def test_held_chunks_are_recorded_exactly_as_given(tmp_path_factory, chunks, dra
     """Held chunks are recorded by runs of consecutive slots, in whatever
     order, with gaps and repeats (the last check of a slot wins, as it
     would row by row); another transfer's chunks are left alone."""
-    store = Store(tmp_path_factory.mktemp("db") / "state.db")
-    try:
-        other = dict(TRANSFER_ROW, id="cd" * 16)
-        for row in (TRANSFER_ROW, other):
-            add_transfer(store, files=_rows(1), **row)
+    with two_transfers(tmp_path_factory.mktemp("db"), files=1) as store:
         earlier = draw.draw(st.dictionaries(st.integers(0, 60), st.binary(min_size=CHECK_LEN, max_size=CHECK_LEN)))
         store.add_chunks(TRANSFER_ROW["id"], list(earlier.items()), 1, "now")
-        store.add_chunks(other["id"], [(5, b"o" * CHECK_LEN)], 1, "now")
+        store.add_chunks(OTHER_ROW["id"], [(5, b"o" * CHECK_LEN)], 1, "now")
         store.add_chunks(TRANSFER_ROW["id"], chunks, 2, "now")
         assert store.chunks(TRANSFER_ROW["id"]) == {**earlier, **dict(chunks)}
-        assert store.chunks(other["id"]) == {5: b"o" * CHECK_LEN}
+        assert store.chunks(OTHER_ROW["id"]) == {5: b"o" * CHECK_LEN}
         assert store.get(TRANSFER_ROW["id"])["bytes_done"] == 2
-    finally:
-        store.close()
 
 
 def test_hashes_of_different_lengths_are_refused_and_nothing_is_saved(tmp_path):
