@@ -380,6 +380,8 @@ class PartialFiles:
         directories = {tuple(path.split("/")[:-1]) for path in self._paths}
         self.close()
         final = inbox_peer_dir / transfer_id
+        # Gone before the rename: the next offer after a crash past it does not come here.
+        shutil.rmtree(_earlier_staging(inbox_peer_dir, transfer_id), ignore_errors=True)
         if not final.exists():  # else published before a crash, perhaps before its name was fsync'd
             _make_durable_dir(inbox_peer_dir)
             # Each directory fsync is a journal commit of its own: past a
@@ -391,7 +393,6 @@ class PartialFiles:
             os.rename(self.tree, final)
         fsync_dir(inbox_peer_dir)
         shutil.rmtree(self.directory, ignore_errors=True)
-        shutil.rmtree(_earlier_staging(inbox_peer_dir, transfer_id), ignore_errors=True)
         return final
 
 

@@ -15,8 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dorothy.dorothyd import storage, tuning
-from dorothy.dorothyd.storage import CHECK_LEN, DIRECT_MIN_FILE, PartialFiles, chunk_check, partial_stamp, settled_partial_stamp
+from dorothy.dorothyd.storage import (
+    CHECK_LEN, DIRECT_MIN_FILE, TREE, PartialFiles, chunk_check, partial_stamp, settled_partial_stamp,
+)
 from dorothy.dorothyd.store import Store
+from dorothy.protocol.paths import MAX_PATH_BYTES
 from dorothy.protocol.transfer import WriteChunk
 
 from conftest import add_transfer
@@ -130,7 +133,8 @@ def test_a_symbolic_link_planted_in_the_partial_tree_is_refused_not_followed(tmp
 def test_a_stamp_sees_files_whose_path_is_longer_than_path_max_below_home(tmp_path):
     # A legal manifest path has up to 4,096 bytes; below HOME/partial/<id>/
     # the whole path is longer than the kernel takes in one piece.
-    path = "/".join(["d" * 250] * 16 + ["f"])
+    path = "/".join(["d" * 250] * 16 + ["f" * 80])
+    assert len(path) == MAX_PATH_BYTES
     partial = partial_files(tmp_path, [10], [path])
     write(partial, 0, 0, b"x" * 10)
     partial.close()
@@ -140,6 +144,16 @@ def test_a_stamp_sees_files_whose_path_is_longer_than_path_max_below_home(tmp_pa
     write(reopened, 0, 0, b"y" * 10)
     reopened.close()
     assert partial_stamp(partial.directory) not in (None, stamp)
+
+
+def test_partial_files_an_earlier_build_kept_by_index_go_when_the_transfer_is_opened(tmp_path):
+    # Their chunks are fetched again into the tree; kept, they would only
+    # take as much room again as the transfer.
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "0").write_bytes(b"x" * CHUNK)
+    partial = partial_files(tmp_path, [CHUNK], ["0"])
+    assert os.listdir(tmp_path / "t") == [TREE]
+    partial.close()
 
 
 @pytest.mark.parametrize("directories", [2, 20], ids=["fsync-each", "syncfs"])
