@@ -229,7 +229,7 @@ class PartialFiles:
         if fd is None:
             while len(self._dirs) >= MAX_OPEN_DIRS:
                 os.close(self._dirs.popitem(last=False)[1])
-            fd = _open_dirs(self._dir_fd, parents, sync_each=False)
+            fd = _open_dirs(self._dir_fd, parents)
         self._dirs[parents] = fd
         return fd
 
@@ -436,16 +436,17 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _open_dirs(root_fd: int, parts: tuple[str, ...], sync_each: bool) -> int:
-    """Create (0700) and open the directory `parts` below `root_fd`, without
-    following symlinks; a descriptor of its own, even for no parts. With
-    `sync_each`, each directory on the way is fsync'd before descending;
-    the caller fsyncs the returned one."""
+def _open_dirs(root_fd: int, parts: tuple[str, ...], *, sync_each: bool = False, create: bool = True) -> int:
+    """Open the directory `parts` below `root_fd`, creating (0700) what is
+    missing if `create`, without following symlinks; a descriptor of its
+    own, even for no parts. With `sync_each`, each directory on the way is
+    fsync'd before descending; the caller fsyncs the returned one."""
     fd = os.dup(root_fd)
     try:
         for part in parts:
             try:
-                os.mkdir(part, 0o700, dir_fd=fd)
+                if create:
+                    os.mkdir(part, 0o700, dir_fd=fd)
             except FileExistsError:
                 pass
             if sync_each:
@@ -485,14 +486,23 @@ def hash_published(final: Path, paths: list[str]) -> list[bytes]:
     receipt is about to rest on it."""
     fsync_dir(final.parent)
     digests = []
-    for path in paths:
-        hasher = FileHasher()
-        fd = os.open(final / path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            hasher.catch_up(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        digests.append(hasher.digest())
+    root_fd = _open_dir(final)
+    try:
+        for path in paths:  # descriptor-relative, as written: a legal path below the inbox may exceed PATH_MAX
+            *parents, name = path.split("/")
+            parent = _open_dirs(root_fd, tuple(parents), create=False)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            finally:
+                os.close(parent)
+            try:
+                hasher = FileHasher()
+                hasher.catch_up(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            digests.append(hasher.digest())
+    finally:
+        os.close(root_fd)
     return digests
 
 

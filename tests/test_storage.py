@@ -3,6 +3,7 @@ restarted node resume: what is found damaged, and what an upgrade forgets."""
 
 import contextlib
 import errno
+import hashlib
 import os
 import sqlite3
 import threading
@@ -144,6 +145,20 @@ def test_a_stamp_sees_files_whose_path_is_longer_than_path_max_below_home(tmp_pa
     write(reopened, 0, 0, b"y" * 10)
     reopened.close()
     assert partial_stamp(partial.directory) not in (None, stamp)
+
+
+def test_published_files_are_hashed_again_whatever_the_length_of_their_path(tmp_path):
+    # After a crash between publication and the receipt, the next offer
+    # hashes the published copy: the longest legal path must not make that
+    # fail for good (ENAMETOOLONG through an absolute path).
+    paths = ["/".join(["d" * 250] * 16 + ["f" * 80]), "top.bin"]
+    contents = [os.urandom(100), b""]
+    partial = partial_files(tmp_path / "partial", [100, 0], paths)
+    partial.create_empty()
+    write(partial, 0, 0, contents[0])
+    partial.flush()
+    final = partial.publish(tmp_path / "inbox" / "alpha", "t")
+    assert storage.hash_published(final, paths) == [hashlib.sha256(c).digest() for c in contents]
 
 
 def test_partial_files_an_earlier_build_kept_by_index_go_when_the_transfer_is_opened(tmp_path):
