@@ -120,6 +120,13 @@ async def cancel_transfer(node: Node, row) -> None:
     running = node.running.get(row["id"])
     if running is not None and running.ending:
         raise RequestError(f"transfer {row['id']} is ending right now; see 'dorothy status {row['id']}'")
+    if row["direction"] == "in" and await trio.to_thread.run_sync((node.home.inbox_dir / row["peer"] / row["id"]).exists):
+        # Published, then a restart came before its receipt: cancelled, the
+        # ledger would deny a complete copy that sits in the inbox.
+        raise RequestError(
+            f"transfer {row['id']} is already complete in the inbox (a restart came before its receipt);"
+            f" it is recorded as received when {row['peer']} connects again"
+        )
     # An outgoing cancellation is also delivered to the peer, on a fresh
     # connection (see outbox), so that it drops its partial copy.
     notify = 1 if row["direction"] == "out" and row["state"] != "queued" else 0

@@ -668,6 +668,26 @@ async def test_a_transfer_whose_publication_failed_keeps_no_hash_state(make_node
     await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
 
 
+async def test_a_transfer_published_before_its_receipt_is_not_cancelled_and_completes(make_node, tmp_path, monkeypatch):
+    """A crash between publication and the receipt leaves a complete copy
+    in the inbox: cancelling it would leave that copy under a transfer the
+    ledger calls cancelled. The cancel is refused; the next connection
+    records the transfer as received and delivered."""
+    sender, receiver, files, transfer_id = await one_file_pair(make_node, tmp_path, 3)
+
+    async def crash_before_the_receipt(self, digests):
+        raise OSError(errno.EIO, "injected: the process died here")
+
+    monkeypatch.setattr(Incoming, "_complete", crash_before_the_receipt)
+    await attempt(sender, receiver, transfer_id)
+    assert (receiver.home.inbox_dir / "alpha" / transfer_id).is_dir()
+    assert receiver.store.get(transfer_id)["state"] == "waiting"
+    with pytest.raises(queueing.RequestError, match="already complete in the inbox"):
+        await cancel_transfer(receiver, receiver.store.get(transfer_id))
+    monkeypatch.undo()
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
+
+
 async def test_an_attempt_that_hashed_a_chunk_it_does_not_hold_keeps_no_hash_state(make_node, tmp_path, monkeypatch):
     """A write batch fails after its chunks were hashed: they are not held,
     and will be received again. Were the SHA-256 state kept, bytes that
