@@ -470,7 +470,7 @@ def _fsync_tree(tree: Path, directories: set[tuple[str, ...]]) -> None:
     root_fd = _open_dir(tree)
     try:
         for parts in directories:
-            fd = _open_dirs(root_fd, parts, sync_each=True)
+            fd = _open_dirs(root_fd, parts, sync_each=True, create=False)  # a missing one is lost data, not ours to make
             try:
                 os.fsync(fd)
             finally:

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -169,6 +170,20 @@ def test_partial_files_an_earlier_build_kept_by_index_go_when_the_transfer_is_op
     partial = partial_files(tmp_path, [CHUNK], ["0"])
     assert os.listdir(tmp_path / "t") == [TREE]
     partial.close()
+
+
+def test_a_directory_of_the_tree_gone_before_publication_fails_it(tmp_path):
+    # Publication makes the names durable; it must not make up a directory
+    # (and publish a set without its files) where one has gone missing.
+    paths = ["case/a/f", "case/b/g"]
+    partial = partial_files(tmp_path / "partial", [10, 10], paths)
+    for index in range(2):
+        write(partial, index, 0, b"x" * 10)
+    partial.flush()
+    shutil.rmtree(partial.tree / "case" / "b")
+    with pytest.raises(FileNotFoundError):
+        partial.publish(tmp_path / "inbox" / "alpha", "t")
+    assert not (tmp_path / "inbox" / "alpha" / "t").exists()
 
 
 @pytest.mark.parametrize("directories", [2, 20], ids=["fsync-each", "syncfs"])
