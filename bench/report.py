@@ -19,7 +19,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def throughput(summary: list[dict]) -> str:
     header = ["scenario", "tool", "rate", "(min-max MiB/s)", "wall s", "RSS send/recv MiB", "CPU send/recv s",
-              "machine CPU s", "sync after s", "rate incl. sync", "ok"]
+              "machine CPU s (cores)", "sync after s", "rate incl. sync", "ok"]
     rows = []
     for s in summary:
         what = f"{s['scenario']} {_size(s['bytes'])}" + (f", {s['files']} files" if s["files"] > 1 else "")
@@ -29,7 +29,7 @@ def throughput(summary: list[dict]) -> str:
             what, s["tool"], rate, f"{low:.0f}-{high:.0f}" if s["runs"] > 1 else "", _num(s["wall_s"], "{:.2f}"),
             f"{_num(s['rss_sender_MiB'], '{:.0f}')} / {_num(s['rss_receiver_MiB'], '{:.0f}')}",
             f"{_num(s['cpu_sender_s'])} / {_num(s['cpu_receiver_s'])}",
-            _num(s["machine_cpu_s"]), _num(s["sync_after_s"], "{:.2f}"),
+            f"{_num(s['machine_cpu_s'])} ({_num(s['busy_cores'], '{:.2f}')})", _num(s["sync_after_s"], "{:.2f}"),
             f"{s['durable_files_s']:.0f} files/s" if s["files"] > 1 else f"{s['durable_MiB_s']:.1f} MiB/s",
             "yes" if s["all_ok"] else "NO",
         ])

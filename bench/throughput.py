@@ -177,6 +177,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "cpu_sender_s": median([r["cpu_sender_s"] for r in good]),
                 "cpu_receiver_s": median([r["cpu_receiver_s"] for r in good]),
                 "machine_cpu_s": median([r["machine_cpu_s"] for r in good]),
+                # Both ends share the machine's cores: a tool's rate is its
+                # CPU per byte divided into how many cores it keeps busy.
+                "busy_cores": median([r["machine_cpu_s"] / r["wall_s"] for r in good]),
                 "sync_after_s": median([r["sync_after_s"] for r in good]),
                 "others_cpu_s_max": max(r["others_cpu_s"] for r in mine),
             }
