@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..protocol import aegis
@@ -50,6 +51,25 @@ DIRECT_ALIGN = 4096
 DIRECT_MIN_FILE = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def syncfs_reports_errors(system: str, release: str) -> bool:
+    """Whether syncfs() fails when writeback failed. Linux returns those
+    errors only since 5.8; before, syncfs() returned 0 whatever happened,
+    and a file lost to a disk error would go into a signed receipt as
+    durable. Where it cannot be trusted, each file and directory is
+    fsync'd after it as well, to learn what it lost: a folder of small
+    files is slower, never wrong."""
+    if system != "Linux":
+        return False
+    major, _, rest = release.partition(".")
+    minor = rest.split(".", 1)[0].split("-", 1)[0]
+    if not (major.isdigit() and minor.isdigit()):
+        return False
+    return (int(major), int(minor)) >= (5, 8)
+
+
+SYNCFS_REPORTS_ERRORS = syncfs_reports_errors(os.uname().sysname, os.uname().release)
 
 
 def _syncfs(fd: int) -> None:
@@ -303,23 +323,30 @@ class PartialFiles:
         """A call that makes every write so far durable, and that may run
         in another thread while later writes go on: it works on duplicates
         of the descriptors it needs, which evicting or closing files cannot
-        touch. Build it while no write is running."""
+        touch. Build it while no write is running. A flush may cover 2,048
+        files: past SYNCFS_THRESHOLD it holds only the tree's root, and
+        syncs the filesystem, then, where syncfs() cannot be trusted,
+        reaches each file from there to check it."""
         if len(self._dirty) > SYNCFS_THRESHOLD and self._dir_fd is not None:
-            sync, fds = _syncfs, [os.dup(self._dir_fd)]
+            fds = [os.dup(self._dir_fd)]
+            if SYNCFS_REPORTS_ERRORS:
+                sync = partial(_syncfs, fds[0])
+            else:
+                sync = partial(_syncfs_then_check_each, fds[0], [self._paths[index] for index in self._dirty])
         else:
-            sync, fds = os.fdatasync, []
+            fds = []
             try:
                 for index in self._dirty:
                     fds.append(os.dup(self._fd(index)))
             except OSError:
                 _close_all(fds)
                 raise
+            sync = partial(_fdatasync_each, fds)
         self._dirty.clear()
 
         def flush() -> None:
             try:
-                for fd in fds:
-                    sync(fd)
+                sync()
             finally:
                 _close_all(fds)
 
@@ -385,10 +412,13 @@ class PartialFiles:
         if not final.exists():  # else published before a crash, perhaps before its name was fsync'd
             _make_durable_dir(inbox_peer_dir)
             # Each directory fsync is a journal commit of its own: past a
-            # few directories, one syncfs makes every name in the tree durable.
-            if len(directories) > SYNCFS_THRESHOLD:
+            # few directories, one syncfs makes every name in the tree
+            # durable; where it reports no errors, the fsyncs that follow
+            # it find little to write and report what it lost.
+            many = len(directories) > SYNCFS_THRESHOLD
+            if many:
                 _sync_filesystem_of(self.tree)
-            else:
+            if not (many and SYNCFS_REPORTS_ERRORS):
                 _fsync_tree(self.tree, directories)
             os.rename(self.tree, final)
         fsync_dir(inbox_peer_dir)
@@ -423,6 +453,32 @@ def _make_durable_dir(path: Path) -> None:
     except FileExistsError:
         pass
     fsync_dir(path.parent)
+
+
+def _fdatasync_each(fds: list[int]) -> None:
+    for fd in fds:
+        os.fdatasync(fd)
+
+
+def _syncfs_then_check_each(root_fd: int, paths: list[str]) -> None:
+    """Where syncfs() reports no writeback errors: one syncfs writes
+    everything back (an fdatasync each would be a journal commit each:
+    a folder of 10,000 small files at 49 MiB/s instead of 75), then an
+    fdatasync of each file of `paths` below `root_fd`, opened one at a
+    time, reports what it lost. (Through a descriptor opened after the
+    error: Linux reports an error no one has seen to any, since 4.16.)"""
+    _syncfs(root_fd)
+    for path in paths:
+        *parents, name = path.split("/")
+        parent = _open_dirs(root_fd, tuple(parents), create=False)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
 
 def _close_all(fds: list[int]) -> None:

@@ -70,10 +70,38 @@ def open_descriptors() -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("files", [2, 20], ids=["fdatasync-each", "syncfs"])
-def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
+@pytest.mark.parametrize(
+    "system, release, trusted",
+    [
+        ("Linux", "6.18.44-fc-v657", True),
+        ("Linux", "5.8.0", True),
+        ("Linux", "5.15.0-91-generic", True),
+        ("Linux", "10.1", True),
+        ("Linux", "5.7.19", False),
+        ("Linux", "5.4.0-150-generic", False),
+        ("Linux", "4.18.0-513.el8.x86_64", False),  # RHEL 8
+        ("Linux", "", False),
+        ("Linux", "unknown", False),
+        ("Darwin", "23.1.0", False),
+    ],
+)
+def test_syncfs_is_trusted_only_where_it_reports_writeback_errors(system, release, trusted):
+    assert storage.syncfs_reports_errors(system, release) is trusted
+
+
+# How a flush makes its files durable: an fdatasync of each through
+# descriptors of its own; past a few files, one syncfs; and where syncfs
+# reports no writeback errors (Linux before 5.8), one syncfs, then an
+# fdatasync of each file found again from the tree's root.
+FLUSH_KINDS = {"fdatasync-each": (2, True), "syncfs": (20, True), "syncfs-then-check-each": (20, False)}
+
+
+@pytest.mark.parametrize("kind", FLUSH_KINDS)
+def test_a_flusher_holds_its_own_descriptors(tmp_path, monkeypatch, kind):
     # A flush runs in its own thread while later writes evict and reopen
     # files, or after the partial files are closed: it must not touch theirs.
+    files, trusted = FLUSH_KINDS[kind]
+    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
     before = len(os.listdir("/proc/self/fd"))
     partial = partial_files(tmp_path, [CHUNK] * files, [f"case/d{n % 3}/f{n}" for n in range(files)])
     for index in range(files):
@@ -82,6 +110,39 @@ def test_a_flusher_holds_its_own_descriptors(tmp_path, files):
     partial.close()
     flush()  # no EBADF
     assert len(os.listdir("/proc/self/fd")) == before  # and no duplicate left open
+
+
+@pytest.mark.parametrize("kind", FLUSH_KINDS)
+def test_a_flush_syncs_every_file_written_since_the_last(tmp_path, monkeypatch, kind):
+    files, trusted = FLUSH_KINDS[kind]
+    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
+    partial = partial_files(tmp_path, [CHUNK] * (files + 1), [f"case/d{n % 3}/f{n}" for n in range(files + 1)])
+    write(partial, files, 0, os.urandom(CHUNK))
+    partial.flush()  # the file written before: not this flush's to sync
+    for index in range(files):
+        write(partial, index, 0, os.urandom(CHUNK))
+    synced, syncfs_calls = [], []
+    real_fdatasync, real_syncfs = os.fdatasync, storage._syncfs
+
+    def fdatasync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    def syncfs(fd):
+        syncfs_calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_syncfs(fd)
+
+    monkeypatch.setattr(storage.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(storage, "_syncfs", syncfs)
+    partial.flush()
+    partial.close()
+    written = sorted(os.fspath(partial.tree / f"case/d{n % 3}/f{n}") for n in range(files))
+    if kind == "fdatasync-each":
+        assert (sorted(synced), syncfs_calls) == (written, [])
+    elif kind == "syncfs":
+        assert (synced, syncfs_calls) == ([], [os.fspath(partial.tree)])
+    else:
+        assert (sorted(synced), syncfs_calls) == (written, [os.fspath(partial.tree)])
 
 
 def test_directories_of_partial_files_are_kept_open_a_few_at_a_time_and_closed_with_them(tmp_path):
@@ -186,11 +247,15 @@ def test_a_directory_of_the_tree_gone_before_publication_fails_it(tmp_path):
     assert not (tmp_path / "inbox" / "alpha" / "t").exists()
 
 
-@pytest.mark.parametrize("directories", [2, 20], ids=["fsync-each", "syncfs"])
-def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, monkeypatch, directories):
+@pytest.mark.parametrize(
+    "directories, trusted", [(2, True), (20, True), (20, False)], ids=["fsync-each", "syncfs", "old-kernel"]
+)
+def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, monkeypatch, directories, trusted):
     # The inbox name must not survive a power cut that loses a file inside
-    # it: each directory of the tree fsync'd, or (past a few) the filesystem
-    # synced once, before the tree's rename into the inbox.
+    # it: each directory of the tree fsync'd, or (past a few, where syncfs
+    # reports writeback errors) the filesystem synced once, before the
+    # tree's rename into the inbox.
+    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
     paths = [f"case/d{i % directories:02d}/f{i}" for i in range(2 * directories)]
     partial = partial_files(tmp_path / "partial", [CHUNK] * len(paths), paths)
     contents = [os.urandom(CHUNK) for _ in paths]
@@ -222,6 +287,8 @@ def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, m
     if directories > storage.SYNCFS_THRESHOLD:
         assert ("syncfs",) in events[:appeared]
     else:
+        assert ("syncfs",) not in events
+    if directories <= storage.SYNCFS_THRESHOLD or not trusted:  # each directory, after a syncfs or not
         for directory in {tree, f"{tree}/case"} | {f"{tree}/case/d{i:02d}" for i in range(directories)}:
             assert ("fsync", directory) in events[:appeared], directory
     assert ("fsync", os.fspath(final.parent)) in events[appeared:]
