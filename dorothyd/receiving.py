@@ -447,6 +447,7 @@ class Incoming:
             self._pending_bytes >= FLUSH_BYTES
             or len(self._pending) >= FLUSH_CHUNKS
             or trio.current_time() - self._pending_since >= FLUSH_SECONDS
+            or partial.flush_due
         ):
             await self._start_flush(partial, machine)
 

@@ -16,12 +16,12 @@ import errno
 import hashlib
 import mmap
 import os
+import re
 import shutil
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from ..protocol import aegis
@@ -37,6 +37,11 @@ TREE = "files"
 # folder of 10,000 small files would otherwise pay 10,000 fsyncs); so it is
 # past this many directories at publication.
 SYNCFS_THRESHOLD = 8
+# Where syncfs() reports no writeback errors, each dirty file's descriptor
+# stays open past its eviction until a flush has fdatasync'd it (see
+# flusher); once this many wait, the receiver flushes early, which bounds
+# the daemon's descriptors.
+MAX_HELD_FOR_CHECK = 256
 # Whole chunks are written with O_DIRECT where the filesystem allows it. On
 # this kind of machine buffered writes of a large file are throttled by
 # dirty-page writeback (1 GiB of sequential pwrite: 212 MiB/s) while direct
@@ -57,16 +62,14 @@ def syncfs_reports_errors(system: str, release: str) -> bool:
     """Whether syncfs() fails when writeback failed. Linux returns those
     errors only since 5.8; before, syncfs() returned 0 whatever happened,
     and a file lost to a disk error would go into a signed receipt as
-    durable. Where it cannot be trusted, each file and directory is
-    fsync'd after it as well, to learn what it lost: a folder of small
-    files is slower, never wrong."""
-    if system != "Linux":
-        return False
-    major, _, rest = release.partition(".")
-    minor = rest.split(".", 1)[0].split("-", 1)[0]
-    if not (major.isdigit() and minor.isdigit()):
-        return False
-    return (int(major), int(minor)) >= (5, 8)
+    durable. Where it cannot be trusted (or the system is not known to be
+    Linux 5.8 or later), each file and directory is fsync'd after it as
+    well, to learn what it lost: a folder of small files is slower, never
+    wrong. (A journal commit that fails within syncfs() is reported only
+    since 5.17, but it also aborts the journal, which fails the state db
+    commit that must follow before any chunk counts as held.)"""
+    version = re.match(r"(\d+)\.(\d+)", release, re.ASCII)
+    return system == "Linux" and version is not None and (int(version[1]), int(version[2])) >= (5, 8)
 
 
 SYNCFS_REPORTS_ERRORS = syncfs_reports_errors(os.uname().sysname, os.uname().release)
@@ -213,6 +216,7 @@ class PartialFiles:
         self._open: OrderedDict[int, tuple[int, int | None]] = OrderedDict()
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()  # below the tree's root
         self._dirty: set[int] = set()
+        self._held_for_check: list[int] = []  # descriptors of evicted dirty files (see flusher)
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
         self._direct_writer: ThreadPoolExecutor | None = None  # see write_batch
         self.hashes = hashes or FileHashes()
@@ -254,12 +258,22 @@ class PartialFiles:
         return fd
 
     def _evict(self) -> None:
-        # A dirty file stays in _dirty: flush() reaches it by reopening it or
-        # through syncfs, either of which covers writes made by a closed fd.
+        # A dirty file stays in _dirty, and the next flush's syncfs covers
+        # writes made through a closed descriptor; where syncfs reports no
+        # errors, the descriptor is held for that flush to check (flusher).
         index, (fd, direct) = self._open.popitem(last=False)
-        os.close(fd)
         if direct is not None:
             os.close(direct)
+        if not SYNCFS_REPORTS_ERRORS and index in self._dirty and self._sizes[index]:
+            self._held_for_check.append(fd)
+        else:
+            os.close(fd)
+
+    @property
+    def flush_due(self) -> bool:
+        """Whether so many evicted files wait for a flush to check them
+        that one should start now."""
+        return len(self._held_for_check) >= MAX_HELD_FOR_CHECK
 
     def _write_chunk(self, index: int, offset: int, data: bytes) -> Future | None:
         """Write a chunk: through the page cache at once, or, where it can
@@ -323,30 +337,39 @@ class PartialFiles:
         """A call that makes every write so far durable, and that may run
         in another thread while later writes go on: it works on duplicates
         of the descriptors it needs, which evicting or closing files cannot
-        touch. Build it while no write is running. A flush may cover 2,048
-        files: past SYNCFS_THRESHOLD it holds only the tree's root, and
-        syncs the filesystem, then, where syncfs() cannot be trusted,
-        reaches each file from there to check it."""
-        if len(self._dirty) > SYNCFS_THRESHOLD and self._dir_fd is not None:
-            fds = [os.dup(self._dir_fd)]
-            if SYNCFS_REPORTS_ERRORS:
-                sync = partial(_syncfs, fds[0])
-            else:
-                sync = partial(_syncfs_then_check_each, fds[0], [self._paths[index] for index in self._dirty])
-        else:
-            fds = []
-            try:
+        touch. Build it while no write is running.
+
+        A few dirty files, all open, are fdatasync'd; else one syncfs does
+        the writeback. Where syncfs reports no writeback errors, each dirty
+        file is fdatasync'd after it, through a descriptor open since it
+        was written: Linux reports a writeback error to every descriptor
+        open when it happened, while a file reopened later may have left
+        the cache, and the error with it."""
+        if self._dir_fd is None:
+            raise OSError(errno.EBADF, f"the partial files of {self.directory.name} are closed")
+        use_syncfs = len(self._dirty) > SYNCFS_THRESHOLD or any(index not in self._open for index in self._dirty)
+        check_each = not (use_syncfs and SYNCFS_REPORTS_ERRORS)
+        fds = []  # the root's first if use_syncfs, then the files to fdatasync
+        try:
+            if use_syncfs:
+                fds.append(os.dup(self._dir_fd))
+            if check_each:
                 for index in self._dirty:
-                    fds.append(os.dup(self._fd(index)))
-            except OSError:
-                _close_all(fds)
-                raise
-            sync = partial(_fdatasync_each, fds)
-        self._dirty.clear()
+                    if index in self._open:
+                        fds.append(os.dup(self._open[index][0]))
+        except OSError:
+            _close_all(fds)
+            raise
+        fds += self._held_for_check
+        self._held_for_check, self._dirty = [], set()
 
         def flush() -> None:
             try:
-                sync()
+                if use_syncfs:
+                    _syncfs(fds[0])
+                if check_each:
+                    for fd in fds[1:] if use_syncfs else fds:
+                        os.fdatasync(fd)
             finally:
                 _close_all(fds)
 
@@ -389,6 +412,8 @@ class PartialFiles:
             self._direct_writer = None
         while self._open:
             self._evict()
+        _close_all(self._held_for_check)  # no flush will check them now
+        self._held_for_check = []
         while self._dirs:
             os.close(self._dirs.popitem()[1])
         if self._dir_fd is not None:
@@ -413,8 +438,10 @@ class PartialFiles:
             _make_durable_dir(inbox_peer_dir)
             # Each directory fsync is a journal commit of its own: past a
             # few directories, one syncfs makes every name in the tree
-            # durable; where it reports no errors, the fsyncs that follow
-            # it find little to write and report what it lost.
+            # durable. Where it reports no errors, the fsyncs that follow
+            # find little to write, and report an error where the file
+            # system still holds one; a journal commit that failed fails the
+            # rename too.
             many = len(directories) > SYNCFS_THRESHOLD
             if many:
                 _sync_filesystem_of(self.tree)
@@ -453,32 +480,6 @@ def _make_durable_dir(path: Path) -> None:
     except FileExistsError:
         pass
     fsync_dir(path.parent)
-
-
-def _fdatasync_each(fds: list[int]) -> None:
-    for fd in fds:
-        os.fdatasync(fd)
-
-
-def _syncfs_then_check_each(root_fd: int, paths: list[str]) -> None:
-    """Where syncfs() reports no writeback errors: one syncfs writes
-    everything back (an fdatasync each would be a journal commit each:
-    a folder of 10,000 small files at 49 MiB/s instead of 75), then an
-    fdatasync of each file of `paths` below `root_fd`, opened one at a
-    time, reports what it lost. (Through a descriptor opened after the
-    error: Linux reports an error no one has seen to any, since 4.16.)"""
-    _syncfs(root_fd)
-    for path in paths:
-        *parents, name = path.split("/")
-        parent = _open_dirs(root_fd, tuple(parents), create=False)
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        finally:
-            os.close(parent)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
 
 
 def _close_all(fds: list[int]) -> None:

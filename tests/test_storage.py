@@ -82,6 +82,9 @@ def open_descriptors() -> list[str]:
         ("Linux", "4.18.0-513.el8.x86_64", False),  # RHEL 8
         ("Linux", "", False),
         ("Linux", "unknown", False),
+        ("Linux", "\uff15.\uff11\uff10", False),  # fullwidth digits: int() takes them, a kernel never has them
+        ("Linux", "\u00b2.8", False),
+        ("Linux", "6+", False),  # unknown is untrusted: slower, never wrong
         ("Darwin", "23.1.0", False),
     ],
 )
@@ -90,18 +93,31 @@ def test_syncfs_is_trusted_only_where_it_reports_writeback_errors(system, releas
 
 
 # How a flush makes its files durable: an fdatasync of each through
-# descriptors of its own; past a few files, one syncfs; and where syncfs
-# reports no writeback errors (Linux before 5.8), one syncfs, then an
-# fdatasync of each file found again from the tree's root.
-FLUSH_KINDS = {"fdatasync-each": (2, True), "syncfs": (20, True), "syncfs-then-check-each": (20, False)}
+# descriptors of its own; past a few files, or when one is no longer open,
+# one syncfs; and where syncfs reports no writeback errors (Linux before
+# 5.8), that syncfs and then an fdatasync of each file through a
+# descriptor held since it was written. (files, files kept open, trusted)
+FLUSH_KINDS = {
+    "fdatasync-each": (2, 128, True),
+    "syncfs": (20, 128, True),
+    "syncfs-after-an-eviction": (5, 2, True),
+    "syncfs-then-check-each": (20, 128, False),
+    "syncfs-then-check-each-evicted": (20, 4, False),
+}
+
+
+def flush_kind(monkeypatch, kind: str) -> int:
+    files, open_files, trusted = FLUSH_KINDS[kind]
+    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
+    monkeypatch.setattr(storage, "MAX_OPEN_FILES", open_files)
+    return files
 
 
 @pytest.mark.parametrize("kind", FLUSH_KINDS)
 def test_a_flusher_holds_its_own_descriptors(tmp_path, monkeypatch, kind):
     # A flush runs in its own thread while later writes evict and reopen
     # files, or after the partial files are closed: it must not touch theirs.
-    files, trusted = FLUSH_KINDS[kind]
-    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
+    files = flush_kind(monkeypatch, kind)
     before = len(os.listdir("/proc/self/fd"))
     partial = partial_files(tmp_path, [CHUNK] * files, [f"case/d{n % 3}/f{n}" for n in range(files)])
     for index in range(files):
@@ -112,37 +128,96 @@ def test_a_flusher_holds_its_own_descriptors(tmp_path, monkeypatch, kind):
     assert len(os.listdir("/proc/self/fd")) == before  # and no duplicate left open
 
 
+class SyncCalls:
+    """The fdatasync and syncfs calls the storage makes, by path; fails the
+    fdatasync of `failing` with EIO, and counts files opened meanwhile."""
+
+    def __init__(self, monkeypatch, failing: str | None = None):
+        self.synced, self.syncfs, self.opened = [], [], 0
+        real_fdatasync, real_syncfs, real_open = os.fdatasync, storage._syncfs, os.open
+
+        def fdatasync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            self.synced.append(path)
+            if path == failing:
+                raise OSError(errno.EIO, "Input/output error")
+            real_fdatasync(fd)
+
+        def syncfs(fd):
+            self.syncfs.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_syncfs(fd)
+
+        def counted_open(*args, **kwargs):
+            self.opened += 1
+            return real_open(*args, **kwargs)
+
+        monkeypatch.setattr(storage.os, "fdatasync", fdatasync)
+        monkeypatch.setattr(storage, "_syncfs", syncfs)
+        monkeypatch.setattr(storage.os, "open", counted_open)
+
+
 @pytest.mark.parametrize("kind", FLUSH_KINDS)
-def test_a_flush_syncs_every_file_written_since_the_last(tmp_path, monkeypatch, kind):
-    files, trusted = FLUSH_KINDS[kind]
-    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
+def test_a_flush_syncs_every_file_written_since_the_last_without_reopening_any(tmp_path, monkeypatch, kind):
+    files = flush_kind(monkeypatch, kind)
     partial = partial_files(tmp_path, [CHUNK] * (files + 1), [f"case/d{n % 3}/f{n}" for n in range(files + 1)])
     write(partial, files, 0, os.urandom(CHUNK))
     partial.flush()  # the file written before: not this flush's to sync
     for index in range(files):
         write(partial, index, 0, os.urandom(CHUNK))
-    synced, syncfs_calls = [], []
-    real_fdatasync, real_syncfs = os.fdatasync, storage._syncfs
-
-    def fdatasync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fdatasync(fd)
-
-    def syncfs(fd):
-        syncfs_calls.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_syncfs(fd)
-
-    monkeypatch.setattr(storage.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(storage, "_syncfs", syncfs)
+    calls = SyncCalls(monkeypatch)
     partial.flush()
     partial.close()
     written = sorted(os.fspath(partial.tree / f"case/d{n % 3}/f{n}") for n in range(files))
-    if kind == "fdatasync-each":
-        assert (sorted(synced), syncfs_calls) == (written, [])
-    elif kind == "syncfs":
-        assert (synced, syncfs_calls) == ([], [os.fspath(partial.tree)])
-    else:
-        assert (sorted(synced), syncfs_calls) == (written, [os.fspath(partial.tree)])
+    expected = {
+        "fdatasync-each": (written, []),
+        "syncfs": ([], [os.fspath(partial.tree)]),
+        "syncfs-after-an-eviction": ([], [os.fspath(partial.tree)]),
+    }.get(kind, (written, [os.fspath(partial.tree)]))
+    assert (sorted(calls.synced), calls.syncfs) == expected
+    assert calls.opened == 0  # a file reopened may no longer report a writeback error
+
+
+def test_a_writeback_error_found_by_the_check_fails_the_flush(tmp_path, monkeypatch):
+    flush_kind(monkeypatch, "syncfs-then-check-each-evicted")
+    before = len(os.listdir("/proc/self/fd"))
+    partial = partial_files(tmp_path, [CHUNK] * 20, [f"case/f{n}" for n in range(20)])
+    for index in range(20):
+        write(partial, index, 0, os.urandom(CHUNK))
+    calls = SyncCalls(monkeypatch, failing=os.fspath(partial.tree / "case/f1"))  # evicted long ago
+    flush = partial.flusher()
+    with pytest.raises(OSError) as failed:
+        flush()
+    assert failed.value.errno == errno.EIO and calls.syncfs
+    partial.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_evicted_files_waiting_for_their_check_make_a_flush_due(tmp_path, monkeypatch):
+    flush_kind(monkeypatch, "syncfs-then-check-each-evicted")  # 4 files kept open
+    monkeypatch.setattr(storage, "MAX_HELD_FOR_CHECK", 3)
+    partial = partial_files(tmp_path, [CHUNK] * 8 + [0] * 8, [f"case/f{n}" for n in range(16)])
+    partial.create_empty()  # empty files have nothing to check: never held
+    assert not partial.flush_due
+    for index in range(6):
+        write(partial, index, 0, os.urandom(CHUNK))
+    assert not partial.flush_due  # 2 evicted so far
+    write(partial, 6, 0, os.urandom(CHUNK))
+    assert partial.flush_due
+    partial.flush()
+    assert not partial.flush_due
+    partial.close()
+
+
+def test_files_held_for_a_check_that_never_came_are_closed_with_the_rest(tmp_path, monkeypatch):
+    # A connection that ends before its next flush records none of those
+    # chunks as held: their descriptors go, and the daemon keeps none.
+    flush_kind(monkeypatch, "syncfs-then-check-each-evicted")
+    before = len(os.listdir("/proc/self/fd"))
+    partial = partial_files(tmp_path, [CHUNK] * 10, [f"case/f{n}" for n in range(10)])
+    for index in range(10):
+        write(partial, index, 0, os.urandom(CHUNK))
+    partial.close()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_directories_of_partial_files_are_kept_open_a_few_at_a_time_and_closed_with_them(tmp_path):

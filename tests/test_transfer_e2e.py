@@ -2,6 +2,7 @@
 of two in-process nodes, with the connection cut at every message boundary
 in each direction, each run resuming to identical bytes."""
 
+import contextlib
 import errno
 import gc
 import hashlib
@@ -14,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from dorothy.dorothyd import audit, outbox, queueing, receiving, sources
+from dorothy.dorothyd import audit, outbox, queueing, receiving, sources, storage
 from dorothy.dorothyd.channel import accept, initiate
 from dorothy.dorothyd.node import Running
 from dorothy.dorothyd.queueing import cancel_transfer, queue_transfer
@@ -432,6 +433,37 @@ async def test_after_a_failed_flush_nothing_more_of_the_attempt_is_held(make_nod
     assert receiver.store.chunks(transfer_id) == {}
     monkeypatch.undo()
     await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
+
+
+async def test_files_held_for_their_check_bring_a_flush_forward(make_node, tmp_path, monkeypatch):
+    """Where syncfs reports no writeback errors, a receiver keeps a
+    descriptor of each file it wrote until a flush has checked it: it
+    flushes early rather than hold one per file of a large folder."""
+    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", False)
+    monkeypatch.setattr(storage, "MAX_OPEN_FILES", 4)
+    monkeypatch.setattr(storage, "MAX_HELD_FOR_CHECK", 8)
+    sender, receiver = make_node("alpha", chunk_size=CHUNK), make_node("bravo", chunk_size=CHUNK)
+    introduce(sender, receiver)
+    files = {f"case/{i:03d}.bin": os.urandom(CHUNK) for i in range(100)}
+    for rel, data in files.items():
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(data)
+    transfer_id = await queue_transfer(sender, "bravo", [str(tmp_path / "src" / "case")])
+    partial_dir = str(receiver.home.partial_dir)
+    at_flush = []
+    flusher = PartialFiles.flusher
+
+    def counted(partial):
+        held = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, gone by now
+                held += os.readlink(f"/proc/self/fd/{fd}").startswith(partial_dir)
+        at_flush.append(held)
+        return flusher(partial)
+
+    monkeypatch.setattr(PartialFiles, "flusher", counted)
+    await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
+    assert len(at_flush) > 2 and max(at_flush) < len(files) // 2, at_flush
 
 
 class PartialReads:
