@@ -44,8 +44,11 @@ FLUSH_SECONDS = 1.0
 # a cancel or a shutdown waits for the hop to end (about a second).
 VERIFY_PAGE_BYTES = 1 << 30
 # Chunks queued behind a running write before the receiver stops reading:
-# the back-pressure that bounds its memory.
+# the back-pressure that bounds its memory, and, in count, the files a
+# batch can leave held for a check (storage.MAX_HELD_FOR_CHECK): a batch of
+# 2 MiB of 512-byte files would be 4,000 files and their descriptors.
 MAX_QUEUED_BYTES = 2 << 20
+MAX_QUEUED_CHUNKS = 128
 # Files' SHA-256 states kept between connections (Incoming._keep_hashes),
 # in all: they stay in memory while their transfers wait for the peer, and
 # 100,000 finished files take 17 MiB.
@@ -412,7 +415,9 @@ class Incoming:
         else in the next batch, with those that arrive meanwhile."""
         self._queued.append(action)
         self._queued_bytes += len(action.data)
-        if self._writing is not None and (self._writing.finished or self._queued_bytes > MAX_QUEUED_BYTES):
+        if self._writing is not None and (
+            self._writing.finished or self._queued_bytes > MAX_QUEUED_BYTES or len(self._queued) >= MAX_QUEUED_CHUNKS
+        ):
             await self._written(partial, machine)
         if self._writing is None:
             self._start_write(partial)

@@ -12,6 +12,7 @@ redirect a write.
 
 import ctypes
 import ctypes.util
+import enum
 import errno
 import hashlib
 import mmap
@@ -37,10 +38,10 @@ TREE = "files"
 # folder of 10,000 small files would otherwise pay 10,000 fsyncs); so it is
 # past this many directories at publication.
 SYNCFS_THRESHOLD = 8
-# Where syncfs() reports no writeback errors, each dirty file's descriptor
-# stays open past its eviction until a flush has fdatasync'd it (see
-# flusher); once this many wait, the receiver flushes early, which bounds
-# the daemon's descriptors.
+# Where syncfs() is not trusted, each dirty file's descriptor stays open
+# past its eviction until a flush has fdatasync'd it (see flusher); once
+# this many wait, the receiver flushes after the batch being written, whose
+# chunks it bounds too (receiving.MAX_QUEUED_CHUNKS).
 MAX_HELD_FOR_CHECK = 256
 # Whole chunks are written with O_DIRECT where the filesystem allows it. On
 # this kind of machine buffered writes of a large file are throttled by
@@ -58,21 +59,37 @@ DIRECT_MIN_FILE = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def syncfs_reports_errors(system: str, release: str) -> bool:
-    """Whether syncfs() fails when writeback failed. Linux returns those
-    errors only since 5.8; before, syncfs() returned 0 whatever happened,
-    and a file lost to a disk error would go into a signed receipt as
-    durable. Where it cannot be trusted (or the system is not known to be
-    Linux 5.8 or later), each file and directory is fsync'd after it as
-    well, to learn what it lost: a folder of small files is slower, never
-    wrong. (A journal commit that fails within syncfs() is reported only
-    since 5.17, but it also aborts the journal, which fails the state db
-    commit that must follow before any chunk counts as held.)"""
+class Syncfs(enum.Enum):
+    """What syncfs() does with a writeback error it meets."""
+
+    REPORTS = "fails with it"  # Linux 5.8 and later (errseq per superblock)
+    # Returns 0, and leaves it for an fsync of the file, through a
+    # descriptor open when it happened, to report (4.13 to 5.7: errseq per file).
+    LEAVES = "leaves it to each file's fsync"
+    # Returns 0, and may clear it before any fsync sees it (older kernels,
+    # or a system not known to be Linux).
+    MAY_CLEAR = "may clear it"
+
+
+def syncfs_behaviour(system: str, release: str) -> Syncfs:
+    """Only where syncfs() fails with a writeback error is it trusted to
+    make many files durable at once; elsewhere a file lost to a disk error
+    would go into a signed receipt as durable, so each file and directory
+    is fsync'd as well (after the syncfs, where that leaves errors for the
+    fsync to see): a folder of small files is slower, never wrong. (A
+    journal commit that fails within syncfs() is reported only since 5.17,
+    but it also aborts the journal, which fails the state db commit that
+    must follow before any chunk counts as held.)"""
     version = re.match(r"(\d+)\.(\d+)", release, re.ASCII)
-    return system == "Linux" and version is not None and (int(version[1]), int(version[2])) >= (5, 8)
+    if system != "Linux" or version is None:
+        return Syncfs.MAY_CLEAR
+    release_number = (int(version[1]), int(version[2]))
+    if release_number >= (5, 8):
+        return Syncfs.REPORTS
+    return Syncfs.LEAVES if release_number >= (4, 13) else Syncfs.MAY_CLEAR
 
 
-SYNCFS_REPORTS_ERRORS = syncfs_reports_errors(os.uname().sysname, os.uname().release)
+SYNCFS = syncfs_behaviour(os.uname().sysname, os.uname().release)
 
 
 def _syncfs(fd: int) -> None:
@@ -217,6 +234,7 @@ class PartialFiles:
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()  # below the tree's root
         self._dirty: set[int] = set()
         self._held_for_check: list[int] = []  # descriptors of evicted dirty files (see flusher)
+        self._dirty_closed = False  # a file was closed since it was last written
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
         self._direct_writer: ThreadPoolExecutor | None = None  # see write_batch
         self.hashes = hashes or FileHashes()
@@ -259,15 +277,18 @@ class PartialFiles:
 
     def _evict(self) -> None:
         # A dirty file stays in _dirty, and the next flush's syncfs covers
-        # writes made through a closed descriptor; where syncfs reports no
-        # errors, the descriptor is held for that flush to check (flusher).
+        # writes made through a closed descriptor (a file reopened later may
+        # no longer report their error); where syncfs is not trusted, the
+        # descriptor is held for that flush to check (flusher).
         index, (fd, direct) = self._open.popitem(last=False)
         if direct is not None:
             os.close(direct)
-        if not SYNCFS_REPORTS_ERRORS and index in self._dirty and self._sizes[index]:
-            self._held_for_check.append(fd)
-        else:
-            os.close(fd)
+        if index in self._dirty:
+            self._dirty_closed = True
+            if SYNCFS is not Syncfs.REPORTS and self._sizes[index]:
+                self._held_for_check.append(fd)
+                return
+        os.close(fd)
 
     @property
     def flush_due(self) -> bool:
@@ -339,19 +360,21 @@ class PartialFiles:
         of the descriptors it needs, which evicting or closing files cannot
         touch. Build it while no write is running.
 
-        A few dirty files, all open, are fdatasync'd; else one syncfs does
-        the writeback. Where syncfs reports no writeback errors, each dirty
-        file is fdatasync'd after it, through a descriptor open since it
+        A few dirty files, all open since their writes, are fdatasync'd;
+        else one syncfs does the writeback. Where syncfs is not trusted,
+        each dirty file is fdatasync'd as well (after the syncfs, or without
+        it where it may clear errors), through a descriptor open since it
         was written: Linux reports a writeback error to every descriptor
         open when it happened, while a file reopened later may have left
         the cache, and the error with it."""
         if self._dir_fd is None:
             raise OSError(errno.EBADF, f"the partial files of {self.directory.name} are closed")
-        use_syncfs = len(self._dirty) > SYNCFS_THRESHOLD or any(index not in self._open for index in self._dirty)
-        check_each = not (use_syncfs and SYNCFS_REPORTS_ERRORS)
-        fds = []  # the root's first if use_syncfs, then the files to fdatasync
+        use_syncfs = len(self._dirty) > SYNCFS_THRESHOLD or self._dirty_closed
+        check_each = not (use_syncfs and SYNCFS is Syncfs.REPORTS)
+        sync_first = use_syncfs and SYNCFS is not Syncfs.MAY_CLEAR
+        fds = []  # the root's first if sync_first, then the files to fdatasync
         try:
-            if use_syncfs:
+            if sync_first:
                 fds.append(os.dup(self._dir_fd))
             if check_each:
                 for index in self._dirty:
@@ -361,14 +384,14 @@ class PartialFiles:
             _close_all(fds)
             raise
         fds += self._held_for_check
-        self._held_for_check, self._dirty = [], set()
+        self._held_for_check, self._dirty, self._dirty_closed = [], set(), False
 
         def flush() -> None:
             try:
-                if use_syncfs:
+                if sync_first:
                     _syncfs(fds[0])
                 if check_each:
-                    for fd in fds[1:] if use_syncfs else fds:
+                    for fd in fds[1:] if sync_first else fds:
                         os.fdatasync(fd)
             finally:
                 _close_all(fds)
@@ -438,14 +461,14 @@ class PartialFiles:
             _make_durable_dir(inbox_peer_dir)
             # Each directory fsync is a journal commit of its own: past a
             # few directories, one syncfs makes every name in the tree
-            # durable. Where it reports no errors, the fsyncs that follow
-            # find little to write, and report an error where the file
-            # system still holds one; a journal commit that failed fails the
-            # rename too.
+            # durable. Where it is not trusted, each directory is fsync'd
+            # as well (after it, finding little left to write, or instead of
+            # it where it may clear errors); a journal commit that failed
+            # fails the rename too.
             many = len(directories) > SYNCFS_THRESHOLD
-            if many:
+            if many and SYNCFS is not Syncfs.MAY_CLEAR:
                 _sync_filesystem_of(self.tree)
-            if not (many and SYNCFS_REPORTS_ERRORS):
+            if not (many and SYNCFS is Syncfs.REPORTS):
                 _fsync_tree(self.tree, directories)
             os.rename(self.tree, final)
         fsync_dir(inbox_peer_dir)
@@ -483,8 +506,15 @@ def _make_durable_dir(path: Path) -> None:
 
 
 def _close_all(fds: list[int]) -> None:
+    """Close every one, even past a close that fails (then raised)."""
+    failure = None
     for fd in fds:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

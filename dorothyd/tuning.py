@@ -1,4 +1,5 @@
-"""Process-wide allocator tuning for the daemon.
+"""Process-wide tuning for the daemon: the allocator, and the limit on open
+descriptors (raise_descriptor_limit).
 
 Chunks are 64 KiB to 4 MiB (2 MiB by default); glibc serves allocations above its mmap threshold
 (128 KiB by default) with a fresh mmap and returns them with munmap, so each
@@ -25,6 +26,7 @@ five alternating runs: 312 against 296 MiB/s median, within the noise).
 
 import ctypes
 import ctypes.util
+import resource
 
 import trio
 
@@ -35,6 +37,13 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 64 << 20
 TRIM_THRESHOLD = 256 << 20
+# Descriptors a daemon asks for: a receiver keeps up to 128 partial files
+# open per transfer (and as many O_DIRECT ones), and where syncfs() is not
+# trusted holds a few hundred more until a flush checks them
+# (storage.MAX_HELD_FOR_CHECK): a few transfers at once pass the soft limit
+# of 1024 that many systems start services with, under a far higher hard
+# limit (systemd's: 524288).
+DESCRIPTORS_WANTED = 1 << 16
 
 
 def _libc():
@@ -50,6 +59,19 @@ def apply() -> None:
         _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         _LIBC.mallopt(M_ARENA_MAX, 1)
+    raise_descriptor_limit()
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft limit on open descriptors towards DESCRIPTORS_WANTED,
+    as far as the hard limit allows; never lower it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = DESCRIPTORS_WANTED if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTORS_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the limit of %d open files to %d: %s", soft, wanted, exc)
 
 
 def release_free_memory() -> None:

@@ -5,8 +5,11 @@ import contextlib
 import errno
 import hashlib
 import os
+import resource
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -70,47 +73,60 @@ def open_descriptors() -> list[str]:
     return found
 
 
+REPORTS, LEAVES, MAY_CLEAR = storage.Syncfs.REPORTS, storage.Syncfs.LEAVES, storage.Syncfs.MAY_CLEAR
+
+
 @pytest.mark.parametrize(
-    "system, release, trusted",
+    "system, release, behaviour",
     [
-        ("Linux", "6.18.44-fc-v657", True),
-        ("Linux", "5.8.0", True),
-        ("Linux", "5.15.0-91-generic", True),
-        ("Linux", "10.1", True),
-        ("Linux", "5.7.19", False),
-        ("Linux", "5.4.0-150-generic", False),
-        ("Linux", "4.18.0-513.el8.x86_64", False),  # RHEL 8
-        ("Linux", "", False),
-        ("Linux", "unknown", False),
-        ("Linux", "\uff15.\uff11\uff10", False),  # fullwidth digits: int() takes them, a kernel never has them
-        ("Linux", "\u00b2.8", False),
-        ("Linux", "6+", False),  # unknown is untrusted: slower, never wrong
-        ("Darwin", "23.1.0", False),
+        ("Linux", "6.18.44-fc-v657", REPORTS),
+        ("Linux", "5.8.0", REPORTS),
+        ("Linux", "5.15.0-91-generic", REPORTS),
+        ("Linux", "10.1", REPORTS),
+        ("Linux", "5.7.19", LEAVES),
+        ("Linux", "5.4.0-150-generic", LEAVES),
+        ("Linux", "4.18.0-513.el8.x86_64", LEAVES),  # RHEL 8
+        ("Linux", "4.13.0", LEAVES),
+        ("Linux", "4.12.14", MAY_CLEAR),
+        ("Linux", "3.10.0-1160.el7.x86_64", MAY_CLEAR),  # RHEL 7
+        ("Linux", "", MAY_CLEAR),
+        ("Linux", "unknown", MAY_CLEAR),
+        ("Linux", "\uff15.\uff11\uff10", MAY_CLEAR),  # fullwidth digits: int() takes them, a kernel never has them
+        ("Linux", "\u00b2.8", MAY_CLEAR),
+        ("Linux", "6+", MAY_CLEAR),  # unknown is untrusted: slower, never wrong
+        ("Darwin", "23.1.0", MAY_CLEAR),
     ],
 )
-def test_syncfs_is_trusted_only_where_it_reports_writeback_errors(system, release, trusted):
-    assert storage.syncfs_reports_errors(system, release) is trusted
+def test_syncfs_is_trusted_only_where_it_reports_writeback_errors(system, release, behaviour):
+    assert storage.syncfs_behaviour(system, release) is behaviour
 
 
-# How a flush makes its files durable: an fdatasync of each through
-# descriptors of its own; past a few files, or when one is no longer open,
-# one syncfs; and where syncfs reports no writeback errors (Linux before
-# 5.8), that syncfs and then an fdatasync of each file through a
-# descriptor held since it was written. (files, files kept open, trusted)
+# How a flush makes its files durable, by what syncfs does with writeback
+# errors: an fdatasync of each file through descriptors of its own; past a
+# few files, or when one was closed since it was written, one syncfs;
+# where syncfs is not trusted, an fdatasync of each file as well, through
+# a descriptor held since its writes, after the syncfs where that leaves
+# errors for it to see, else without it. (files, files kept open, syncfs)
 FLUSH_KINDS = {
-    "fdatasync-each": (2, 128, True),
-    "syncfs": (20, 128, True),
-    "syncfs-after-an-eviction": (5, 2, True),
-    "syncfs-then-check-each": (20, 128, False),
-    "syncfs-then-check-each-evicted": (20, 4, False),
+    "fdatasync-each": (2, 128, REPORTS),
+    "syncfs": (20, 128, REPORTS),
+    "syncfs-after-an-eviction": (5, 2, REPORTS),
+    "fdatasync-each-old-kernel": (2, 128, LEAVES),
+    "syncfs-then-check-each": (20, 128, LEAVES),
+    "syncfs-then-check-each-evicted": (20, 4, LEAVES),
+    "check-each-without-syncfs": (20, 4, MAY_CLEAR),
 }
 
 
 def flush_kind(monkeypatch, kind: str) -> int:
-    files, open_files, trusted = FLUSH_KINDS[kind]
-    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
+    files, open_files, behaviour = FLUSH_KINDS[kind]
+    monkeypatch.setattr(storage, "SYNCFS", behaviour)
     monkeypatch.setattr(storage, "MAX_OPEN_FILES", open_files)
     return files
+
+
+def descriptors_below(path) -> int:
+    return sum(1 for target in open_descriptors() if target.startswith(f"{path}/"))
 
 
 @pytest.mark.parametrize("kind", FLUSH_KINDS)
@@ -168,17 +184,68 @@ def test_a_flush_syncs_every_file_written_since_the_last_without_reopening_any(t
     partial.flush()
     partial.close()
     written = sorted(os.fspath(partial.tree / f"case/d{n % 3}/f{n}") for n in range(files))
+    tree = [os.fspath(partial.tree)]
     expected = {
         "fdatasync-each": (written, []),
-        "syncfs": ([], [os.fspath(partial.tree)]),
-        "syncfs-after-an-eviction": ([], [os.fspath(partial.tree)]),
-    }.get(kind, (written, [os.fspath(partial.tree)]))
+        "syncfs": ([], tree),
+        "syncfs-after-an-eviction": ([], tree),
+        "fdatasync-each-old-kernel": (written, []),
+        "syncfs-then-check-each": (written, tree),
+        "syncfs-then-check-each-evicted": (written, tree),
+        "check-each-without-syncfs": (written, []),
+    }[kind]
     assert (sorted(calls.synced), calls.syncfs) == expected
     assert calls.opened == 0  # a file reopened may no longer report a writeback error
 
 
-def test_a_writeback_error_found_by_the_check_fails_the_flush(tmp_path, monkeypatch):
+def test_a_file_closed_and_reopened_since_its_write_is_not_left_to_the_new_descriptor(tmp_path, monkeypatch):
+    # Its error may have left the cache with it: syncfs (trusted) covers it.
+    monkeypatch.setattr(storage, "SYNCFS", REPORTS)
+    monkeypatch.setattr(storage, "MAX_OPEN_FILES", 2)
+    partial = partial_files(tmp_path, [CHUNK, 0, 0])
+    write(partial, 0, 0, os.urandom(CHUNK))
+    partial.file_sha256(1), partial.file_sha256(2)  # opening two others evicts the dirty file
+    write(partial, 0, 0, os.urandom(CHUNK))  # open again, the only dirty file
+    calls = SyncCalls(monkeypatch)
+    partial.flush()
+    assert (calls.synced, calls.syncfs) == ([], [os.fspath(partial.tree)])
+    write(partial, 0, 0, os.urandom(CHUNK))  # and again, with no eviction since the flush
+    partial.flush()
+    partial.close()
+    assert (calls.synced, calls.syncfs) == ([os.fspath(partial.tree / "0")], [os.fspath(partial.tree)])
+
+
+def test_closing_descriptors_goes_on_past_one_that_fails(tmp_path, monkeypatch):
+    fds = [os.open(tmp_path / name, os.O_CREAT | os.O_RDWR, 0o600) for name in "abc"]
+    real_close = os.close
+
+    def close(fd):
+        real_close(fd)
+        if fd == fds[0]:
+            raise OSError(errno.EIO, "Input/output error")  # as NFS may, having closed it
+
+    monkeypatch.setattr(storage.os, "close", close)
+    with pytest.raises(OSError):
+        storage._close_all(fds)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_where_syncfs_is_trusted_no_file_is_held_past_its_eviction(tmp_path, monkeypatch):
+    flush_kind(monkeypatch, "syncfs-after-an-eviction")  # 2 files kept open
+    partial = partial_files(tmp_path, [CHUNK] * 20, [f"f{n}" for n in range(20)])
+    for index in range(20):
+        write(partial, index, 0, os.urandom(CHUNK))
+        assert descriptors_below(partial.tree) <= 2
+    assert not partial.flush_due
+    partial.close()
+
+
+@pytest.mark.parametrize("behaviour", [LEAVES, MAY_CLEAR])
+def test_a_writeback_error_found_by_the_check_fails_the_flush(tmp_path, monkeypatch, behaviour):
     flush_kind(monkeypatch, "syncfs-then-check-each-evicted")
+    monkeypatch.setattr(storage, "SYNCFS", behaviour)
     before = len(os.listdir("/proc/self/fd"))
     partial = partial_files(tmp_path, [CHUNK] * 20, [f"case/f{n}" for n in range(20)])
     for index in range(20):
@@ -187,9 +254,42 @@ def test_a_writeback_error_found_by_the_check_fails_the_flush(tmp_path, monkeypa
     flush = partial.flusher()
     with pytest.raises(OSError) as failed:
         flush()
-    assert failed.value.errno == errno.EIO and calls.syncfs
+    assert failed.value.errno == errno.EIO
     partial.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_flusher_that_cannot_get_its_descriptors_keeps_every_file_for_the_next(tmp_path, monkeypatch):
+    flush_kind(monkeypatch, "syncfs-then-check-each")
+    partial = partial_files(tmp_path, [CHUNK] * 20, [f"f{n}" for n in range(20)])
+    for index in range(20):
+        write(partial, index, 0, os.urandom(CHUNK))
+    before = len(os.listdir("/proc/self/fd"))
+    real_dup, dups = os.dup, []
+
+    def dup(fd):
+        if len(dups) == 5:
+            raise OSError(errno.EMFILE, "Too many open files")
+        dups.append(fd)
+        return real_dup(fd)
+
+    monkeypatch.setattr(storage.os, "dup", dup)
+    with pytest.raises(OSError):
+        partial.flusher()
+    assert len(os.listdir("/proc/self/fd")) == before
+    monkeypatch.setattr(storage.os, "dup", real_dup)
+    calls = SyncCalls(monkeypatch)
+    partial.flush()
+    partial.close()
+    assert sorted(calls.synced) == sorted(os.fspath(partial.tree / f"f{n}") for n in range(20))
+
+
+def test_a_closed_set_of_partial_files_cannot_be_flushed(tmp_path):
+    partial = partial_files(tmp_path, [CHUNK])
+    partial.close()
+    with pytest.raises(OSError) as closed:
+        partial.flusher()
+    assert closed.value.errno == errno.EBADF
 
 
 def test_evicted_files_waiting_for_their_check_make_a_flush_due(tmp_path, monkeypatch):
@@ -208,14 +308,16 @@ def test_evicted_files_waiting_for_their_check_make_a_flush_due(tmp_path, monkey
     partial.close()
 
 
-def test_files_held_for_a_check_that_never_came_are_closed_with_the_rest(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [CHUNK, DIRECT_MIN_FILE], ids=["buffered", "direct"])
+def test_files_held_for_a_check_that_never_came_are_closed_with_the_rest(tmp_path, monkeypatch, size):
     # A connection that ends before its next flush records none of those
     # chunks as held: their descriptors go, and the daemon keeps none.
     flush_kind(monkeypatch, "syncfs-then-check-each-evicted")
     before = len(os.listdir("/proc/self/fd"))
-    partial = partial_files(tmp_path, [CHUNK] * 10, [f"case/f{n}" for n in range(10)])
+    partial = partial_files(tmp_path, [size] * 10, [f"case/f{n}" for n in range(10)])
     for index in range(10):
         write(partial, index, 0, os.urandom(CHUNK))
+    assert descriptors_below(partial.tree) <= 2 * 4 + 6 + 1  # open (and direct), held, the directory
     partial.close()
     assert len(os.listdir("/proc/self/fd")) == before
 
@@ -323,14 +425,16 @@ def test_a_directory_of_the_tree_gone_before_publication_fails_it(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "directories, trusted", [(2, True), (20, True), (20, False)], ids=["fsync-each", "syncfs", "old-kernel"]
+    "directories, behaviour",
+    [(2, REPORTS), (20, REPORTS), (20, LEAVES), (20, MAY_CLEAR)],
+    ids=["fsync-each", "syncfs", "syncfs-then-fsync-each", "fsync-each-old-kernel"],
 )
-def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, monkeypatch, directories, trusted):
+def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, monkeypatch, directories, behaviour):
     # The inbox name must not survive a power cut that loses a file inside
     # it: each directory of the tree fsync'd, or (past a few, where syncfs
     # reports writeback errors) the filesystem synced once, before the
     # tree's rename into the inbox.
-    monkeypatch.setattr(storage, "SYNCFS_REPORTS_ERRORS", trusted)
+    monkeypatch.setattr(storage, "SYNCFS", behaviour)
     paths = [f"case/d{i % directories:02d}/f{i}" for i in range(2 * directories)]
     partial = partial_files(tmp_path / "partial", [CHUNK] * len(paths), paths)
     contents = [os.urandom(CHUNK) for _ in paths]
@@ -359,11 +463,11 @@ def test_every_published_name_is_durable_before_the_transfer_appears(tmp_path, m
     final = partial.publish(tmp_path / "inbox" / "alpha", "t")
     assert [e for e in events if e[0] == "rename"] == [("rename", tree, os.fspath(final))]  # one rename for all
     appeared = events.index(("rename", tree, os.fspath(final)))
-    if directories > storage.SYNCFS_THRESHOLD:
+    if directories > storage.SYNCFS_THRESHOLD and behaviour is not MAY_CLEAR:
         assert ("syncfs",) in events[:appeared]
     else:
         assert ("syncfs",) not in events
-    if directories <= storage.SYNCFS_THRESHOLD or not trusted:  # each directory, after a syncfs or not
+    if directories <= storage.SYNCFS_THRESHOLD or behaviour is not REPORTS:  # each directory, after a syncfs or not
         for directory in {tree, f"{tree}/case"} | {f"{tree}/case/d{i:02d}" for i in range(directories)}:
             assert ("fsync", directory) in events[:appeared], directory
     assert ("fsync", os.fspath(final.parent)) in events[appeared:]
@@ -636,6 +740,36 @@ async def test_returning_memory_at_a_connection_end_never_raises(monkeypatch, ca
     monkeypatch.setattr(tuning.trio.to_thread, "run_sync", no_thread)
     await tuning.release_free_memory_at_end()
     assert "could not return free memory to the system: can't start new thread" in caplog.text
+
+
+INFINITY = resource.RLIM_INFINITY
+
+
+@pytest.mark.parametrize(
+    "soft, hard, raised_to",
+    [(1024, 524288, 65536), (1024, 4096, 4096), (1024, INFINITY, 65536), (100000, INFINITY, None), (INFINITY, INFINITY, None)],
+)
+def test_the_daemon_raises_its_soft_limit_on_open_files_never_lowers_it(monkeypatch, soft, hard, raised_to):
+    # A receiver may hold hundreds of descriptors per transfer; services
+    # often start with a soft limit of 1024 under a far higher hard one.
+    set_to = []
+    monkeypatch.setattr(tuning.resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(tuning.resource, "setrlimit", lambda which, limits: set_to.append(limits))
+    tuning.raise_descriptor_limit()
+    assert set_to == ([] if raised_to is None else [(raised_to, hard)])
+
+
+def test_a_daemon_process_ends_up_with_the_raised_limit():
+    script = (
+        "import resource\n"
+        "from dorothy.dorothyd import tuning\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "tuning.apply()\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    soft, hard = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split())
+    assert soft == (tuning.DESCRIPTORS_WANTED if hard == INFINITY else min(hard, tuning.DESCRIPTORS_WANTED)) > 256
 
 
 def test_a_same_size_overwrite_right_after_a_settled_stamp_changes_the_stamp(tmp_path):
