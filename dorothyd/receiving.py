@@ -472,7 +472,12 @@ class Incoming:
             raise OSError(errno.EIO, "an earlier flush on this connection failed; nothing more of it is saved")
         if self._pending:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
-            self._flushing = InFlight(pending, _make_durable, partial.flusher())
+            flush = partial.flusher()
+            try:
+                self._flushing = InFlight(pending, _make_durable, flush)
+            except BaseException:  # no thread to run it: its descriptors go now
+                flush.discard()
+                raise
 
     async def _flush(self, partial: PartialFiles, machine: ReceiverMachine) -> None:
         """Every chunk written so far durable and held, before this returns."""

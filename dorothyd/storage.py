@@ -76,10 +76,12 @@ def syncfs_behaviour(system: str, release: str) -> Syncfs:
     make many files durable at once; elsewhere a file lost to a disk error
     would go into a signed receipt as durable, so each file and directory
     is fsync'd as well (after the syncfs, where that leaves errors for the
-    fsync to see): a folder of small files is slower, never wrong. (A
-    journal commit that fails within syncfs() is reported only since 5.17,
-    but it also aborts the journal, which fails the state db commit that
-    must follow before any chunk counts as held.)"""
+    fsync to see): a folder of small files is slower. (Before 4.13 a
+    file's error is one flag that another process's sync may clear first,
+    so a lost write can still go unnoticed there. A journal commit that
+    fails within syncfs() is reported only since 5.17, but it also aborts
+    the journal, which fails the state db commit that must follow before
+    any chunk counts as held.)"""
     version = re.match(r"(\d+)\.(\d+)", release, re.ASCII)
     if system != "Linux" or version is None:
         return Syncfs.MAY_CLEAR
@@ -281,14 +283,16 @@ class PartialFiles:
         # no longer report their error); where syncfs is not trusted, the
         # descriptor is held for that flush to check (flusher).
         index, (fd, direct) = self._open.popitem(last=False)
-        if direct is not None:
-            os.close(direct)
-        if index in self._dirty:
-            self._dirty_closed = True
-            if SYNCFS is not Syncfs.REPORTS and self._sizes[index]:
+        try:
+            if direct is not None:
+                os.close(direct)
+        finally:  # fd is held or closed, whatever closing direct did
+            if index in self._dirty:
+                self._dirty_closed = True
+            if index in self._dirty and SYNCFS is not Syncfs.REPORTS and self._sizes[index]:
                 self._held_for_check.append(fd)
-                return
-        os.close(fd)
+            else:
+                os.close(fd)
 
     @property
     def flush_due(self) -> bool:
@@ -385,18 +389,7 @@ class PartialFiles:
             raise
         fds += self._held_for_check
         self._held_for_check, self._dirty, self._dirty_closed = [], set(), False
-
-        def flush() -> None:
-            try:
-                if sync_first:
-                    _syncfs(fds[0])
-                if check_each:
-                    for fd in fds[1:] if sync_first else fds:
-                        os.fdatasync(fd)
-            finally:
-                _close_all(fds)
-
-        return flush
+        return Flush(fds, sync_first=sync_first, check_each=check_each)
 
     def create_empty(self) -> None:
         for index, size in enumerate(self._sizes):
@@ -433,15 +426,14 @@ class PartialFiles:
         if self._direct_writer is not None:
             self._direct_writer.shutdown()  # idle: every write was waited for
             self._direct_writer = None
-        while self._open:
-            self._evict()
-        _close_all(self._held_for_check)  # no flush will check them now
-        self._held_for_check = []
-        while self._dirs:
-            os.close(self._dirs.popitem()[1])
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
+        # Every list is emptied before anything is closed: a close that
+        # fails must not leave a number to close twice, perhaps another's.
+        files, self._open = self._open, OrderedDict()
+        held, self._held_for_check = self._held_for_check, []  # no flush will check them now
+        dirs, self._dirs = self._dirs, OrderedDict()
+        root, self._dir_fd = self._dir_fd, None
+        fds = [fd for pair in files.values() for fd in pair if fd is not None] + held + list(dirs.values())
+        _close_all(fds + ([root] if root is not None else []))
         if self._aligned is not None:
             try:
                 self._aligned.close()
@@ -487,6 +479,31 @@ def _earlier_staging(inbox_peer_dir: Path, transfer_id: str) -> Path:
     """Where builds before the partial tree assembled a transfer at
     publication: a crash there left part of it, hidden, in the inbox."""
     return inbox_peer_dir / f".{transfer_id}.incoming"
+
+
+class Flush:
+    """What PartialFiles.flusher returns: call it, in any thread, to make
+    the writes durable, or discard it if it will never run; either way its
+    descriptors are closed."""
+
+    def __init__(self, fds: list[int], *, sync_first: bool, check_each: bool):
+        self._fds = fds  # the tree's root first if sync_first, then the files to fdatasync
+        self._sync_first = sync_first
+        self._check_each = check_each
+
+    def __call__(self) -> None:
+        try:
+            if self._sync_first:
+                _syncfs(self._fds[0])
+            if self._check_each:
+                for fd in self._fds[1:] if self._sync_first else self._fds:
+                    os.fdatasync(fd)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        fds, self._fds = self._fds, []
+        _close_all(fds)
 
 
 def _make_durable_dir(path: Path) -> None:

@@ -39,11 +39,14 @@ MMAP_THRESHOLD = 64 << 20
 TRIM_THRESHOLD = 256 << 20
 # Descriptors a daemon asks for: a receiver keeps up to 128 partial files
 # open per transfer (and as many O_DIRECT ones), and where syncfs() is not
-# trusted holds a few hundred more until a flush checks them
-# (storage.MAX_HELD_FOR_CHECK): a few transfers at once pass the soft limit
+# trusted up to about 900 more until flushes check them (SPEC 5: about
+# 1,170 per transfer in all): a few transfers at once pass the soft limit
 # of 1024 that many systems start services with, under a far higher hard
 # limit (systemd's: 524288).
 DESCRIPTORS_WANTED = 1 << 16
+# Below this many, say so: a few transfers of small files at once, on a
+# kernel whose syncfs() is not trusted, may need more than 1,000.
+DESCRIPTORS_LOW = 2048
 
 
 def _libc():
@@ -70,8 +73,15 @@ def raise_descriptor_limit() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
         except (ValueError, OSError) as exc:
             log.warning("could not raise the limit of %d open files to %d: %s", soft, wanted, exc)
+    if soft != resource.RLIM_INFINITY and soft < DESCRIPTORS_LOW:
+        log.warning(
+            "only %d files may be open at once; receiving several transfers of small files together"
+            " may fail with 'Too many open files': raise the hard limit (LimitNOFILE= for a systemd service)",
+            soft,
+        )
 
 
 def release_free_memory() -> None:

@@ -109,6 +109,8 @@ def test_syncfs_is_trusted_only_where_it_reports_writeback_errors(system, releas
 # errors for it to see, else without it. (files, files kept open, syncfs)
 FLUSH_KINDS = {
     "fdatasync-each": (2, 128, REPORTS),
+    "fdatasync-each-up-to-the-threshold": (8, 128, REPORTS),
+    "syncfs-past-the-threshold": (9, 128, REPORTS),
     "syncfs": (20, 128, REPORTS),
     "syncfs-after-an-eviction": (5, 2, REPORTS),
     "fdatasync-each-old-kernel": (2, 128, LEAVES),
@@ -187,6 +189,8 @@ def test_a_flush_syncs_every_file_written_since_the_last_without_reopening_any(t
     tree = [os.fspath(partial.tree)]
     expected = {
         "fdatasync-each": (written, []),
+        "fdatasync-each-up-to-the-threshold": (written, []),
+        "syncfs-past-the-threshold": ([], tree),
         "syncfs": ([], tree),
         "syncfs-after-an-eviction": ([], tree),
         "fdatasync-each-old-kernel": (written, []),
@@ -215,21 +219,62 @@ def test_a_file_closed_and_reopened_since_its_write_is_not_left_to_the_new_descr
     assert (calls.synced, calls.syncfs) == ([os.fspath(partial.tree / "0")], [os.fspath(partial.tree)])
 
 
-def test_closing_descriptors_goes_on_past_one_that_fails(tmp_path, monkeypatch):
-    fds = [os.open(tmp_path / name, os.O_CREAT | os.O_RDWR, 0o600) for name in "abc"]
+def closes_failing_on(monkeypatch, failing):
+    """os.close in storage closes, then fails for the descriptors in `failing`, as NFS may."""
     real_close = os.close
 
     def close(fd):
         real_close(fd)
-        if fd == fds[0]:
-            raise OSError(errno.EIO, "Input/output error")  # as NFS may, having closed it
+        if fd in failing:
+            raise OSError(errno.EIO, f"Input/output error closing {fd}")
 
     monkeypatch.setattr(storage.os, "close", close)
-    with pytest.raises(OSError):
+
+
+def test_closing_descriptors_goes_on_past_one_that_fails_and_reports_the_first(tmp_path, monkeypatch):
+    fds = [os.open(tmp_path / name, os.O_CREAT | os.O_RDWR, 0o600) for name in "abc"]
+    closes_failing_on(monkeypatch, {fds[0], fds[2]})
+    with pytest.raises(OSError, match=f"closing {fds[0]}$"):
         storage._close_all(fds)
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_partial_files_whose_close_failed_never_close_a_descriptor_twice(tmp_path, monkeypatch):
+    # The receiver closes them again on its way out: by then the numbers
+    # may belong to files another transfer opened.
+    flush_kind(monkeypatch, "syncfs-then-check-each-evicted")
+    partial = partial_files(tmp_path, [CHUNK] * 10, [f"case/f{n}" for n in range(10)])
+    for index in range(10):
+        write(partial, index, 0, os.urandom(CHUNK))
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, gone by now
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{partial.directory}/"):
+                ours.add(int(fd))
+    closes_failing_on(monkeypatch, ours)
+    with pytest.raises(OSError):
+        partial.close()
+    monkeypatch.undo()
+    others = [os.open(tmp_path / f"other{n}", os.O_CREAT | os.O_RDWR, 0o600) for n in range(len(ours))]
+    try:
+        partial.close()
+        for fd in others:
+            os.fstat(fd)  # still open
+    finally:
+        storage._close_all(others)
+
+
+def test_a_flush_that_will_never_run_can_let_its_descriptors_go(tmp_path, monkeypatch):
+    flush_kind(monkeypatch, "syncfs-then-check-each-evicted")
+    before = len(os.listdir("/proc/self/fd"))
+    partial = partial_files(tmp_path, [CHUNK] * 10, [f"case/f{n}" for n in range(10)])
+    for index in range(10):
+        write(partial, index, 0, os.urandom(CHUNK))
+    partial.flusher().discard()
+    partial.close()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_where_syncfs_is_trusted_no_file_is_held_past_its_eviction(tmp_path, monkeypatch):
@@ -746,10 +791,18 @@ INFINITY = resource.RLIM_INFINITY
 
 
 @pytest.mark.parametrize(
-    "soft, hard, raised_to",
-    [(1024, 524288, 65536), (1024, 4096, 4096), (1024, INFINITY, 65536), (100000, INFINITY, None), (INFINITY, INFINITY, None)],
+    "soft, hard, raised_to, warned",
+    [
+        (1024, 524288, 65536, False),
+        (1024, 4096, 4096, False),
+        (1024, INFINITY, 65536, False),
+        (100000, INFINITY, None, False),
+        (INFINITY, INFINITY, None, False),
+        (1024, 1024, None, True),  # nothing to raise: the operator is told
+        (256, 1024, 1024, True),
+    ],
 )
-def test_the_daemon_raises_its_soft_limit_on_open_files_never_lowers_it(monkeypatch, soft, hard, raised_to):
+def test_the_daemon_raises_its_soft_limit_on_open_files_never_lowers_it(monkeypatch, caplog, soft, hard, raised_to, warned):
     # A receiver may hold hundreds of descriptors per transfer; services
     # often start with a soft limit of 1024 under a far higher hard one.
     set_to = []
@@ -757,6 +810,19 @@ def test_the_daemon_raises_its_soft_limit_on_open_files_never_lowers_it(monkeypa
     monkeypatch.setattr(tuning.resource, "setrlimit", lambda which, limits: set_to.append(limits))
     tuning.raise_descriptor_limit()
     assert set_to == ([] if raised_to is None else [(raised_to, hard)])
+    assert ("Too many open files" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("refusal", [ValueError("not allowed"), OSError(errno.EPERM, "Operation not permitted")])
+def test_a_limit_that_cannot_be_raised_is_reported_and_the_daemon_goes_on(monkeypatch, caplog, refusal):
+    def refuse(which, limits):
+        raise refusal
+
+    monkeypatch.setattr(tuning.resource, "getrlimit", lambda which: (1024, 524288))
+    monkeypatch.setattr(tuning.resource, "setrlimit", refuse)
+    tuning.raise_descriptor_limit()
+    assert "could not raise the limit of 1024 open files to 65536" in caplog.text
+    assert "only 1024 files may be open at once" in caplog.text
 
 
 def test_a_daemon_process_ends_up_with_the_raised_limit():

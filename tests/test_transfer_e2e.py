@@ -463,13 +463,45 @@ async def test_files_held_for_their_check_bring_a_flush_forward(make_node, tmp_p
                 held += os.readlink(f"/proc/self/fd/{fd}").startswith(partial_dir)
         peak = max(peak, held)
 
+    batches = []
+    write_batch = PartialFiles.write_batch
+
+    def recorded(partial, actions):
+        batches.append(len(actions))
+        return write_batch(partial, actions)
+
     monkeypatch.setattr(PartialFiles, "_evict", counted)
+    monkeypatch.setattr(PartialFiles, "write_batch", recorded)
     await delivered_by_a_clean_attempt(sender, receiver, files, transfer_id)
+    assert max(batches) == 8  # reached, never passed
     # At worst: 4 open files; 16 held (up to the mark, plus a batch of 8);
     # as many taken over by a running flush, with its duplicates of the 4
     # open ones and of the tree's root; the tree and its directory. Far
     # below one per file.
     assert peak <= 4 + 16 + (16 + 4 + 1) + 2, peak
+
+
+async def test_a_flush_with_no_thread_to_run_it_lets_its_descriptors_go(make_node, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "SYNCFS", storage.Syncfs.LEAVES)
+    monkeypatch.setattr(storage, "MAX_OPEN_FILES", 4)
+    sender, receiver, files, transfer_id = await setup_pair(make_node, tmp_path)
+    in_flight = receiving.InFlight
+
+    def no_thread_for_a_flush(actions, fn, *args):
+        if fn is receiving._make_durable:
+            raise RuntimeError("can't start new thread")
+        return in_flight(actions, fn, *args)
+
+    monkeypatch.setattr(receiving, "InFlight", no_thread_for_a_flush)
+    _, _, errors = await attempt(sender, receiver, transfer_id)
+    assert any("can't start new thread" in str(error) for error in errors), errors
+    partial_dir = str(receiver.home.partial_dir)
+    left = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, gone by now
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(partial_dir):
+                left.append(fd)
+    assert left == []
 
 
 class PartialReads:
