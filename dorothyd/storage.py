@@ -236,7 +236,7 @@ class PartialFiles:
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()  # below the tree's root
         self._dirty: set[int] = set()
         self._held_for_check: list[int] = []  # descriptors of evicted dirty files (see flusher)
-        self._dirty_closed = False  # a file was closed since it was last written
+        self._dirty_closed = False  # a dirty file was closed since the last flusher
         self._aligned: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
         self._direct_writer: ThreadPoolExecutor | None = None  # see write_batch
         self.hashes = hashes or FileHashes()
@@ -287,9 +287,9 @@ class PartialFiles:
             if direct is not None:
                 os.close(direct)
         finally:  # fd is held or closed, whatever closing direct did
-            if index in self._dirty:
-                self._dirty_closed = True
-            if index in self._dirty and SYNCFS is not Syncfs.REPORTS and self._sizes[index]:
+            dirty = index in self._dirty
+            self._dirty_closed |= dirty
+            if dirty and SYNCFS is not Syncfs.REPORTS and self._sizes[index]:
                 self._held_for_check.append(fd)
             else:
                 os.close(fd)
@@ -359,10 +359,11 @@ class PartialFiles:
         self.flusher()()
 
     def flusher(self):
-        """A call that makes every write so far durable, and that may run
-        in another thread while later writes go on: it works on duplicates
-        of the descriptors it needs, which evicting or closing files cannot
-        touch. Build it while no write is running.
+        """A Flush that makes every write so far durable when called, and
+        that may run in another thread while later writes go on: it works
+        on duplicates of the descriptors it needs (or ones kept for it),
+        which evicting or closing files cannot touch. Build it while no
+        write is running.
 
         A few dirty files, all open since their writes, are fdatasync'd;
         else one syncfs does the writeback. Where syncfs is not trusted,
