@@ -208,7 +208,8 @@ def test_a_file_closed_and_reopened_since_its_write_is_not_left_to_the_new_descr
     monkeypatch.setattr(storage, "MAX_OPEN_FILES", 2)
     partial = partial_files(tmp_path, [CHUNK, 0, 0])
     write(partial, 0, 0, os.urandom(CHUNK))
-    partial.file_sha256(1), partial.file_sha256(2)  # opening two others evicts the dirty file
+    for other in (1, 2):  # opening two others evicts the dirty file
+        partial.file_sha256(other)
     write(partial, 0, 0, os.urandom(CHUNK))  # open again, the only dirty file
     calls = SyncCalls(monkeypatch)
     partial.flush()
