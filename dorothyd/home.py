@@ -53,6 +53,10 @@ class Home:
     def inbox_dir(self) -> Path:
         return self.root / "inbox"
 
+    def peer_inbox(self, peer: str) -> Path:
+        """Where transfers received from `peer` are published."""
+        return self.inbox_dir / peer
+
     @property
     def control_socket(self) -> Path:
         return self.root / "control.sock"

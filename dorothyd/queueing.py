@@ -120,7 +120,8 @@ async def cancel_transfer(node: Node, row) -> None:
     running = node.running.get(row["id"])
     if running is not None and running.ending:
         raise RequestError(f"transfer {row['id']} is ending right now; see 'dorothy status {row['id']}'")
-    if row["direction"] == "in" and await trio.to_thread.run_sync((node.home.inbox_dir / row["peer"] / row["id"]).exists):
+    inbox = node.home.peer_inbox(row["peer"])
+    if row["direction"] == "in" and await trio.to_thread.run_sync((inbox / row["id"]).exists):
         # Published, then a restart came before its receipt: cancelled, the
         # ledger would deny a complete copy that sits in the inbox.
         raise RequestError(
@@ -145,7 +146,6 @@ async def cancel_transfer(node: Node, row) -> None:
         node.received_hashes.pop(row["id"], None)
         node.store.drop_chunks(row["id"])
         if running is None:
-            inbox = node.home.inbox_dir / row["peer"]
             await trio.to_thread.run_sync(discard_received, node.home.partial_dir, inbox, row["id"])
     node.wake_outbox()
     log.info("transfer %s cancelled by operator", row["id"])

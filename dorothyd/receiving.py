@@ -164,7 +164,7 @@ class Incoming:
 
     @property
     def _inbox(self) -> Path:
-        return self.node.home.inbox_dir / self.peer.name
+        return self.node.home.peer_inbox(self.peer.name)
 
     async def _abort_quietly(self, code: str, reason: str) -> None:
         """A final abort on a connection that may already be gone: the peer
